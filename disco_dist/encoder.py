@@ -1,0 +1,211 @@
+"""A sentence encoder: tokenizer + transformer + pooling + optional L2 normalisation.
+
+Loads a hub id or a local folder (reading the sentence-transformers pooling/normalise config where
+present), can keep a subset of layers to make a smaller student, and saves a folder that both
+`transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .fetch import DEFAULT_CACHE, MODELS
+
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder as is; a known model name (or its sentence-transformers/ hub id) from the fetch cache
+    when fetched there; anything else is passed on to transformers as a hub id."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model {name_or_path} is a file; pass the model's folder")
+        return str(path)
+    short = name_or_path.split("/")[-1]
+    if short in MODELS and (DEFAULT_CACHE / MODELS[short].folder / "model.safetensors").exists():
+        return str(DEFAULT_CACHE / MODELS[short].folder)
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model folder {name_or_path} does not exist; fetch the real models with "
+                        "`python launchers/fetch_models.py` or pass an existing folder")
+    return name_or_path
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sentence_transformers_settings(folder: Path) -> dict:
+    """Pooling, normalisation and max length recorded in a sentence-transformers folder (empty if none)."""
+    settings = {}
+    pooling = _read_json(folder / "1_Pooling" / "config.json")
+    if pooling:
+        if pooling.get("pooling_mode_cls_token"):
+            settings["pooling"] = "cls"
+        elif pooling.get("pooling_mode_mean_tokens"):
+            settings["pooling"] = "mean"
+        else:
+            modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+            raise UserError(f"{folder}/1_Pooling/config.json uses {modes}; supported poolings: {POOLINGS}")
+    modules = _read_json(folder / "modules.json")
+    if modules is not None:
+        settings["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    bert_config = _read_json(folder / "sentence_bert_config.json")
+    if bert_config and bert_config.get("max_seq_length"):
+        settings["max_length"] = int(bert_config["max_seq_length"])
+    ours = _read_json(folder / "disco_dist.json")  # written by Encoder.save; says "pooler" where ST cannot
+    if ours:
+        settings.update({k: ours[k] for k in ("pooling", "normalize", "max_length") if k in ours})
+    return settings
+
+
+def transformer_layers(model: nn.Module) -> tuple:
+    """(parent module, attribute name) of the model's list of transformer layers."""
+    for parent_path, attr in (("encoder", "layer"), ("encoder", "layers"), ("", "layers"), ("transformer", "layer")):
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(getattr(parent, attr, None), nn.ModuleList):
+            return parent, attr
+    raise UserError(f"cannot find the transformer layers of {type(model).__name__} to keep a subset of them")
+
+
+def keep_layers(model: nn.Module, layers: list) -> nn.Module:
+    """Keep only the given transformer layers (0-based, in the given order), in place."""
+    parent, attr = transformer_layers(model)
+    existing = getattr(parent, attr)
+    bad = [i for i in layers if not 0 <= i < len(existing)]
+    if bad or not layers:
+        raise UserError(f"--keep-layers {layers}: the model has layers 0..{len(existing) - 1}")
+    setattr(parent, attr, nn.ModuleList([existing[i] for i in layers]))
+    model.config.num_hidden_layers = len(layers)
+    return model
+
+
+class Encoder(nn.Module):
+    def __init__(self, model, tokenizer, pooling="mean", normalize=True, max_length=128):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.model, self.tokenizer = model, tokenizer
+        self.pooling, self.normalize, self.max_length = pooling, normalize, int(max_length)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, pooling=None, normalize=None, max_length=None, keep=None,
+                        model_loader=None):
+        """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(str(name_or_path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = (model_loader or AutoModel.from_pretrained)(path)
+        except OSError as err:
+            raise UserError(f"could not load model {name_or_path!r}: {str(err).splitlines()[0]} (offline? pass a "
+                            "local folder, e.g. one made by `python launchers/fetch_models.py`)") from None
+        settings = sentence_transformers_settings(Path(path)) if Path(path).is_dir() else {}
+        if keep:
+            keep_layers(model, list(keep))
+        tokenizer_max = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
+        return cls(
+            model,
+            tokenizer,
+            pooling=pooling or settings.get("pooling", "mean"),
+            normalize=settings.get("normalize", True) if normalize is None else normalize,
+            max_length=max_length or settings.get("max_length", tokenizer_max),
+        )
+
+    def tokenize(self, sentences):
+        return self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    def pool(self, outputs, attention_mask):
+        if self.pooling == "cls":
+            return outputs.last_hidden_state[:, 0]
+        if self.pooling == "pooler":
+            return outputs.pooler_output
+        mask = attention_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
+        return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward(self, input_ids, attention_mask, **extra):
+        """Pooled embeddings, normalised if this encoder normalises (a differentiable path for training)."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        embeddings = self.pool(outputs, attention_mask)
+        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
+
+    @torch.inference_mode()
+    def encode(self, sentences, batch_size=64, progress=False, device=None) -> torch.Tensor:
+        """Embeddings of `sentences` in their order, as float32 on the CPU.
+
+        Batches are formed from length-sorted sentences so that little compute goes to padding."""
+        device = device or next(self.model.parameters()).device
+        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        out = torch.empty(len(sentences), self.dim)
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="encoding", unit="batch", leave=False)
+        for start in batches:
+            index = order[start:start + batch_size]
+            batch = self.tokenize([sentences[i] for i in index]).to(device)
+            out[index] = self(batch["input_ids"], batch["attention_mask"]).float().cpu()
+        return out
+
+    def save(self, folder) -> Path:
+        """Write a folder that AutoModel and SentenceTransformer both load (atomically: a temporary folder
+        beside it, renamed into place; an existing folder of the same name is replaced only then)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            self._write_sentence_transformers_files(tmp)
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def _write_sentence_transformers_files(self, folder: Path) -> None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (folder / "2_Normalize").mkdir()
+        (folder / "1_Pooling").mkdir()
+        # sentence-transformers has no "pooler output" mode: it gets [CLS] there, and disco_dist.json keeps the truth
+        pooling = {
+            "word_embedding_dimension": self.dim,
+            "pooling_mode_cls_token": self.pooling in ("cls", "pooler"),
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }
+        files = {
+            "modules.json": modules,
+            "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
+            "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
+            "disco_dist.json": {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length},
+        }
+        for name, content in files.items():
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
