@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny tokenizer and tiny random encoders built from a config (no downloads)."""
+import os
+import string
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = """a an the is are was were be been of to in on at for with by from and or but not no this that these
+those it its he she they we you i his her their our man woman men women child children dog dogs cat cats
+person people boy girl playing plays play running runs run walking walks eating eats sitting sits standing
+riding rides car bike horse ball water street beach park field house table guitar piano music song game
+big small young old red blue green black white two three one some many all other new good first last
+said says year years city time day world school team film album music state war government country
+""".split()
+
+
+def build_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # every printable ASCII character (and its ## continuation) is in the vocabulary, so distinct sentences
+    # rarely collapse to the same token ids (which would make similarity ties that rounding reorders)
+    chars = [c for c in string.printable if not c.isspace() and not c.isupper()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + chars + [f"##{c}" for c in chars]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=64)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_model(folder: Path, hidden=32, layers=4, seed=0, max_length=64):
+    """A random BERT of the given width/depth with the test tokenizer, saved as a model folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=max_length + 2)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_student"), hidden=32, layers=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_teacher"), hidden=48, layers=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    from disco_dist.data import resolve_data_root
+
+    return resolve_data_root()
