@@ -1,0 +1,124 @@
+"""Process-group set-up and the two kinds of all-gather the losses need.
+
+Rank, world size and local rank come from the launcher's environment (`deepspeed`, `torchrun`), else
+from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`). CPU: gloo, fp32. GPU: NCCL, bf16.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_int(*names, default):
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def read_env(local_rank_flag: int | None = None) -> DistEnv:
+    rank = env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = local_rank_flag if local_rank_flag is not None and local_rank_flag >= 0 else env_int(
+        "LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if torch.cuda.is_available():
+        # under SLURM each task may see all GPUs or only its own (CUDA_VISIBLE_DEVICES remapped to one)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600) -> DistEnv:
+    """Join the process group (idempotent) and return this process' place in it.
+
+    The timeout bounds every collective: if a peer dies, the others fail after it instead of hanging."""
+    env = read_env(local_rank_flag)
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(name, str(value))
+    if env.world_size > 1 or "MASTER_ADDR" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    else:
+        _skip_deepspeed_shm_op()
+    import deepspeed
+
+    if not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
+                                   world_size=env.world_size, distributed_port=int(os.environ["MASTER_PORT"]))
+    return env
+
+
+def _skip_deepspeed_shm_op():
+    # On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (45-80 s) that
+    # neither ZeRO nor our gathers use; gloo serves every collective here.
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0; gradients flow back to the rank that owns each part.
+
+    torch.distributed.nn's all_gather sums the incoming gradients of each part over the ranks in backward;
+    with the engine averaging gradients over ranks, W ranks x B then train exactly like 1 rank x W*B."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, for values that need no gradient (teacher embeddings)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

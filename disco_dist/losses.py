@@ -1,0 +1,109 @@
+"""Losses as pure functions of embeddings (plus the small state they need: a logit scale, a queue).
+
+Each returns the loss of this rank's samples, averaged over them. Under the engine's gradient averaging
+over W ranks with equal batches, W ranks x B give the same loss and gradients as 1 rank x W*B: the
+`gather` arguments say how other ranks' embeddings come in (with gradient for the student's own
+embeddings, without for the frozen teacher's), and `rank` says where this rank's rows sit in the gather.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import all_gather_no_grad, all_gather_with_grad, rank
+
+
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Plain KD: mean squared error between the projected student embedding and the teacher's."""
+    return F.mse_loss(student, teacher.to(student.dtype))
+
+
+def ckd_loss(student: torch.Tensor, teacher: torch.Tensor, logit_scale: torch.Tensor, queue: torch.Tensor | None = None,
+             gather=all_gather_no_grad, this_rank: int | None = None) -> torch.Tensor:
+    """Contrastive KD: q_i must pick out k_i, the teacher embedding of the same sentence, among the teacher
+    embeddings of the global batch (every rank's) and of the queue.
+
+    student: (B, D) projected student embeddings; teacher: (B, D); logit_scale: scalar s (not its log);
+    queue: (M, D) earlier teacher embeddings or None. Both sides are L2-normalised here.
+    The teacher is frozen, so gathering its embeddings needs no gradient: the student's q_i only meets
+    teacher keys, and each rank's loss depends on its own q's alone."""
+    q = F.normalize(student, dim=-1)
+    k_local = F.normalize(teacher.to(q.dtype), dim=-1)
+    keys = gather(k_local)
+    if queue is not None and len(queue):
+        keys = torch.cat([keys, F.normalize(queue.to(q.dtype), dim=-1)], dim=0)
+    logits = logit_scale * q @ keys.T
+    offset = (rank() if this_rank is None else this_rank) * len(q)
+    labels = torch.arange(offset, offset + len(q), device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+def sup_contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, hard_negative: torch.Tensor | None,
+                         temperature: torch.Tensor | float, gather=all_gather_with_grad,
+                         this_rank: int | None = None) -> torch.Tensor:
+    """Supervised SimCSE: each anchor against every rank's positives and hard negatives (cosine / temperature).
+
+    The candidates are the student's own embeddings, so the gather must carry gradient back to the rank
+    that produced them; a gather without gradient silently trains a different loss."""
+    a = F.normalize(anchor, dim=-1)
+    candidates = [gather(F.normalize(positive, dim=-1))]
+    if hard_negative is not None:
+        candidates.append(gather(F.normalize(hard_negative, dim=-1)))
+    logits = a @ torch.cat(candidates, dim=0).T / temperature
+    offset = (rank() if this_rank is None else this_rank) * len(a)
+    labels = torch.arange(offset, offset + len(a), device=a.device)
+    return F.cross_entropy(logits, labels)
+
+
+class LogitScale(nn.Module):
+    """A learnable positive scalar kept as its log (CLIP-style), clamped when read; or a fixed value."""
+
+    def __init__(self, initial: float, learnable: bool = True, max_value: float = 100.0):
+        super().__init__()
+        log_value = torch.tensor(math.log(initial))
+        if learnable:
+            self.log_value = nn.Parameter(log_value)
+        else:
+            self.register_buffer("log_value", log_value)
+        self.max_value = max_value
+
+    def forward(self) -> torch.Tensor:
+        return self.log_value.exp().clamp(max=self.max_value)
+
+
+class TeacherQueue:
+    """FIFO of earlier teacher embeddings (the same on every rank, since it holds gathered batches)."""
+
+    def __init__(self, size: int, dim: int, dtype=torch.float32, device="cpu"):
+        self.size = size
+        self.buffer = torch.zeros(size, dim, dtype=dtype, device=device)
+        self.pointer = 0
+        self.filled = 0
+
+    def negatives(self) -> torch.Tensor | None:
+        return self.buffer[: self.filled] if self.filled else None
+
+    @torch.no_grad()
+    def push(self, embeddings: torch.Tensor) -> None:
+        if self.size == 0:
+            return
+        embeddings = embeddings[-self.size:].to(self.buffer.dtype)
+        end = self.pointer + len(embeddings)
+        if end <= self.size:
+            self.buffer[self.pointer:end] = embeddings
+        else:
+            first = self.size - self.pointer
+            self.buffer[self.pointer:] = embeddings[:first]
+            self.buffer[: end - self.size] = embeddings[first:]
+        self.pointer = end % self.size
+        self.filled = min(self.size, self.filled + len(embeddings))
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer[: self.filled].cpu(), "pointer": self.pointer, "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["filled"] > self.size:
+            raise ValueError(f"checkpointed queue holds {state['filled']} embeddings, more than --queue-size {self.size}")
+        self.buffer[: state["filled"]] = state["buffer"].to(self.buffer)
+        self.pointer, self.filled = state["pointer"], state["filled"]

@@ -1,0 +1,114 @@
+"""Each loss alone: values, and W ranks x B equal to 1 rank x W*B (loss and every gradient)."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from disco_dist.distributed import all_gather_no_grad, all_gather_with_grad
+from disco_dist.losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
+
+from dist_utils import run_on_ranks
+
+B, D_IN, D = 4, 6, 5
+
+
+def problem():
+    """A fixed little model and data: student = linear map, teacher embeddings and queue fixed."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D_IN, D)
+    scale = LogitScale(math.e)
+    data = {"x": torch.randn(2 * B, D_IN), "x_pos": torch.randn(2 * B, D_IN), "x_neg": torch.randn(2 * B, D_IN),
+            "teacher": torch.randn(2 * B, D), "queue": torch.randn(7, D)}
+    return model, scale, data
+
+
+def compute(loss_name, model, scale, d, sl, gather=None):
+    if loss_name == "mse":
+        return mse_loss(model(d["x"][sl]), d["teacher"][sl])
+    if loss_name == "ckd":
+        return ckd_loss(model(d["x"][sl]), d["teacher"][sl], scale(), d["queue"], **({"gather": gather} if gather else {}))
+    return sup_contrastive_loss(model(d["x"][sl]), model(d["x_pos"][sl]), model(d["x_neg"][sl]), 0.05 * scale() / math.e,
+                                **({"gather": gather} if gather else {}))
+
+
+def grads(model, scale):
+    """Every parameter's gradient (zeros where a loss does not use the parameter)."""
+    params = list(model.parameters()) + list(scale.parameters())
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+def one_rank(loss_name):
+    model, scale, data = problem()
+    loss = compute(loss_name, model, scale, data, slice(None))
+    loss.backward()
+    return loss.item(), grads(model, scale)
+
+
+def rank_fn(rank, world_size, loss_name, gather_name):
+    model, scale, data = problem()
+    gather = {"with_grad": all_gather_with_grad, "no_grad": all_gather_no_grad, None: None}[gather_name]
+    loss = compute(loss_name, model, scale, data, slice(rank * B, (rank + 1) * B), gather)
+    loss.backward()
+    # what the engine does: average gradients (and, for the log, the loss) over the ranks
+    averaged = grads(model, scale)
+    for g in averaged:
+        dist.all_reduce(g)
+        g /= world_size
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    return mean_loss.item() / world_size, averaged
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ckd", "sup_contrastive"])
+def test_two_ranks_equal_one_rank_of_twice_the_batch(loss_name, tmp_path):
+    expected_loss, expected_grads = one_rank(loss_name)
+    for rank_loss, rank_grads in run_on_ranks(rank_fn, 2, tmp_path, loss_name, None):
+        assert rank_loss == pytest.approx(expected_loss, rel=1e-5)
+        for got, want in zip(rank_grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_negative_control_gather_without_gradient_is_caught(tmp_path):
+    _, expected_grads = one_rank("sup_contrastive")
+    (_, rank_grads), _ = run_on_ranks(rank_fn, 2, tmp_path, "sup_contrastive", "no_grad")
+    mismatches = [not torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(rank_grads, expected_grads)]
+    assert any(mismatches)
+
+
+def test_ckd_values():
+    torch.manual_seed(0)
+    teacher = F.normalize(torch.randn(3, 4), dim=-1)
+    perfect = ckd_loss(teacher * 5, teacher, torch.tensor(100.0), this_rank=0)
+    assert perfect.item() < 1e-3  # the student that equals the teacher picks its own sentence
+    uniform = ckd_loss(torch.randn(3, 4), teacher, torch.tensor(1e-6), torch.randn(5, 4), this_rank=0)
+    assert uniform.item() == pytest.approx(math.log(8), rel=1e-3)  # 3 batch + 5 queue candidates, no preference
+
+
+def test_sup_contrastive_temperature_and_hard_negatives():
+    torch.manual_seed(0)
+    a = torch.randn(4, 256)  # nearly orthogonal rows
+    without = sup_contrastive_loss(a, a.clone(), None, 0.05, gather=lambda x: x, this_rank=0)
+    with_neg = sup_contrastive_loss(a, a.clone(), a.clone(), 0.05, gather=lambda x: x, this_rank=0)
+    assert without.item() < 1e-3
+    assert with_neg.item() == pytest.approx(math.log(2), rel=1e-2)  # the hard negative ties the positive
+
+
+def test_logit_scale_is_clamped_and_fixed_mode_has_no_parameter():
+    assert LogitScale(1e6)().item() == pytest.approx(100.0)
+    fixed = LogitScale(20.0, learnable=False)
+    assert list(fixed.parameters()) == [] and fixed().item() == pytest.approx(20.0)
+
+
+def test_queue_is_fifo_and_restorable():
+    queue = TeacherQueue(5, 2)
+    assert queue.negatives() is None
+    queue.push(torch.arange(6.0).view(3, 2))
+    queue.push(torch.arange(6.0, 12.0).view(3, 2))  # wraps: oldest row overwritten
+    assert queue.filled == 5
+    assert sorted(queue.negatives()[:, 0].tolist()) == [2.0, 4.0, 6.0, 8.0, 10.0]
+    restored = TeacherQueue(5, 2)
+    restored.load_state_dict(queue.state_dict())
+    torch.testing.assert_close(restored.negatives(), queue.negatives())
+    assert restored.pointer == queue.pointer
