@@ -55,10 +55,7 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
         os.environ.setdefault("MASTER_PORT", "29500")
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    else:
-        _skip_deepspeed_shm_op()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -67,12 +64,17 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     return env
 
 
-def _skip_deepspeed_shm_op():
-    # On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (45-80 s) that
-    # neither ZeRO nor our gathers use; gloo serves every collective here.
+def import_deepspeed():
+    """deepspeed, set up for this machine. Use it instead of `import deepspeed` before initialising anything.
+
+    On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (45-80 s) that
+    neither ZeRO nor our gathers use (gloo serves every collective), so it is not built there."""
+    import deepspeed
     import deepspeed.comm.torch as ds_torch_comm
 
-    ds_torch_comm.build_shm_op = lambda: None
+    if not torch.cuda.is_available():
+        ds_torch_comm.build_shm_op = lambda: None
+    return deepspeed
 
 
 def shutdown() -> None:
@@ -117,6 +119,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] for any picklable obj (small things: counts, file entries)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -10,7 +10,7 @@ Everything is written to temporary names and renamed, the index last: a folder w
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,68 +74,85 @@ def check_index_fresh(index: ShardIndex) -> None:
                             "shard); re-make the shard folder")
 
 
-class ShardFolderWriter:
-    """Writes samples into numbered shards of `shard_size` samples, then the index; atomic per file."""
+class ShardFile:
+    """One tar shard written under a temporary name and renamed into place when closed."""
 
-    def __init__(self, folder, shard_size: int, overwrite: bool = False):
+    def __init__(self, path):
         import webdataset as wds
 
-        self._wds = wds
-        self.folder = Path(folder)
-        if shard_size < 1:
-            raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-        if (self.folder / INDEX).exists() and not overwrite:
-            raise UserError(f"{self.folder} already holds shards; choose a new --out folder (or --overwrite)")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob("shard-*.tar*"):
-            stale.unlink()  # an earlier, unfinished attempt (no index) or the folder being overwritten
-        if (self.folder / INDEX).exists():
-            (self.folder / INDEX).unlink()
-        self.shard_size = shard_size
-        self.shards = []
-        self._writer = self._file = None
-        self._count = 0
-        self.total = 0
-
-    def _open(self):
-        name = f"shard-{len(self.shards):06d}.tar"
-        self._tmp = self.folder / f"{name}.tmp"
+        self.path = Path(path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self._tmp, "wb")
         # fixed mtime and owner: the same input and seed give byte-identical shards
-        self._writer = self._wds.TarWriter(self._file, mtime=0, user="disco", group="disco")
-        self._name = name
+        self._writer = wds.TarWriter(self._file, mtime=0, user="disco", group="disco")
+        self.samples = 0
 
-    def _close(self):
-        self._writer.close()
-        self._file.close()
-        final = self.folder / self._name
-        os.replace(self._tmp, final)
-        self.shards.append({"name": self._name, "samples": self._count, "sha256": sha256_of(final)})
-        self._writer = self._file = None
-        self._count = 0
-
-    def write(self, text: str, teacher: np.ndarray | None = None) -> None:
-        if self._writer is None:
-            self._open()
-        sample = {"__key__": f"{self.total:09d}", "txt": text.encode("utf-8")}
+    def write(self, key: str, text: str, teacher: np.ndarray | None = None) -> None:
+        sample = {"__key__": key, "txt": text.encode("utf-8")}
         if teacher is not None:
             sample[TEACHER_KEY] = np.asarray(teacher, dtype="<f2").tobytes()
         self._writer.write(sample)
-        self._count += 1
+        self.samples += 1
+
+    def close(self) -> dict:
+        """Finish the file and return its index entry."""
+        self._writer.close()
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return {"name": self.path.name, "samples": self.samples, "sha256": sha256_of(self.path)}
+
+
+def prepare_output_folder(folder, overwrite: bool) -> Path:
+    folder = Path(folder)
+    if (folder / INDEX).exists() and not overwrite:
+        raise UserError(f"{folder} already holds shards; choose a new --out folder (or --overwrite)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in list(folder.glob("shard-*.tar*")) + list(folder.glob(INDEX)):
+        stale.unlink()  # an earlier, unfinished attempt (no index) or the folder being overwritten
+    return folder
+
+
+def write_index(folder, total: int, shards: list, **meta) -> ShardIndex:
+    """The last step of making a shard folder: after it, the folder is complete."""
+    if not shards:
+        raise UserError("no usable sentences to write: every line was empty, duplicate or undecodable")
+    content = {"format": FORMAT, "total": total, **meta, "shards": shards}
+    tmp = Path(folder) / f"{INDEX}.tmp"
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, Path(folder) / INDEX)
+    return read_index(folder)
+
+
+class ShardFolderWriter:
+    """Writes samples into numbered shards of `shard_size` samples, then the index."""
+
+    def __init__(self, folder, shard_size: int, overwrite: bool = False):
+        if shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+        self.folder = prepare_output_folder(folder, overwrite)
+        self.shard_size = shard_size
+        self.shards = []
+        self._current = None
+        self.total = 0
+
+    def write(self, text: str, teacher: np.ndarray | None = None) -> None:
+        if self._current is None:
+            self._current = ShardFile(self.folder / shard_name(len(self.shards)))
+        self._current.write(f"{self.total:09d}", text, teacher)
         self.total += 1
-        if self._count == self.shard_size:
-            self._close()
+        if self._current.samples == self.shard_size:
+            self.shards.append(self._current.close())
+            self._current = None
 
     def finish(self, **meta) -> ShardIndex:
-        if self._writer is not None:
-            self._close()
-        if not self.shards:
-            raise UserError("no usable sentences to write: every line was empty, duplicate or undecodable")
-        content = {"format": FORMAT, "total": self.total, **meta, "shards": self.shards}
-        tmp = self.folder / f"{INDEX}.tmp"
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, self.folder / INDEX)
-        return read_index(self.folder)
+        if self._current is not None:
+            self.shards.append(self._current.close())
+            self._current = None
+        return write_index(self.folder, self.total, self.shards, **meta)
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
 
 
 def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=False, log=print) -> ShardIndex:
@@ -155,17 +172,15 @@ def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=Fals
     return index
 
 
-def iter_shard_samples(paths, handler=None):
-    """(text, teacher embedding or None) from the given tar shards in order, via webdataset."""
+def iter_shard_samples(paths, handler=None, with_keys=False):
+    """(text, teacher embedding or None) from the given tar shards in order, via webdataset
+    (with `with_keys`: (key, text, teacher))."""
     import webdataset as wds
 
     dataset = wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None,
                              empty_check=False, handler=handler or wds.reraise_exception)
     for sample in dataset:
         teacher = sample.get(TEACHER_KEY)
-        yield (sample["txt"].decode("utf-8"),
-               None if teacher is None else np.frombuffer(teacher, dtype="<f2"))
-
-
-def summary(index: ShardIndex) -> dict:
-    return {**asdict(index), "folder": str(index.folder)}
+        teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")
+        text = sample["txt"].decode("utf-8")
+        yield (sample["__key__"], text, teacher) if with_keys else (text, teacher)

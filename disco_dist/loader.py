@@ -1,0 +1,139 @@
+"""Deterministic, resumable batches for every rank: streamed shards (stage 1) and NLI triplets (stage 2).
+
+Both loaders answer two questions the training loop asks: how many batches this epoch has
+(`batches_per_epoch(epoch)`, the same on every rank) and which batches they are from a position on
+(`batches(epoch, start)`). The loop's (epoch, batch) position is the loader state a checkpoint keeps:
+rebuilding a loader and asking for `batches(epoch, start)` yields exactly what an uninterrupted run saw.
+
+Stage-1 rule, per epoch: the shard list is shuffled with (seed, epoch), the same on every rank; rank r
+reads shards r, r+W, r+2W, ... of it, through a shuffle buffer seeded with (seed, epoch, rank), then
+groups `length_bucket` batches' worth of sentences by length (less padding) and shuffles the order of
+those batches. Every rank yields N = floor(min over ranks of its sentence count / batch size) batches;
+each rank's remaining sentences are not seen in that epoch (a different remainder each epoch).
+With `num_workers` > 0, worker w of a rank tokenises batches start+w, start+w+K, ... of the same
+stream (reading text is cheap, tokenising is not), and the DataLoader returns them in order.
+"""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import UserError
+from .shards import ShardIndex, iter_shard_samples
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random(" ".join(str(p) for p in parts))  # str seeds hash deterministically across runs
+
+
+class ShardBatches:
+    def __init__(self, index: ShardIndex, batch_size: int, rank: int, world_size: int, collate, seed: int = 0,
+                 shuffle_buffer: int = 10_000, length_bucket: int = 16, num_workers: int = 0, handler=None):
+        if len(index.shards) < world_size:
+            raise UserError(f"{index.folder} has {len(index.shards)} shards for {world_size} ranks: every rank needs "
+                            f"its own shards; re-make them with --shard-size at most {index.total // world_size}")
+        self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
+        self.collate, self.seed, self.shuffle_buffer = collate, seed, shuffle_buffer
+        self.length_bucket, self.num_workers, self.handler = max(1, length_bucket), num_workers, handler
+        if self.batches_per_epoch(0) == 0:
+            raise UserError(f"{index.folder}: {index.total} sentences over {world_size} ranks give no full batch of "
+                            f"{batch_size}; lower --batch-size or use more sentences")
+
+    def shards_of(self, epoch: int, rank: int) -> list:
+        order = list(range(len(self.index.shards)))
+        _rng("shards", self.seed, epoch).shuffle(order)
+        return order[rank::self.world_size]
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        counts = self.index.counts
+        return min(sum(counts[i] for i in self.shards_of(epoch, r)) for r in range(self.world_size)) // self.batch_size
+
+    def raw_batches(self, epoch: int):
+        """This rank's epoch as lists of (text, teacher) samples, before tokenisation (cheap)."""
+        paths = [self.index.paths()[i] for i in self.shards_of(epoch, self.rank)]
+        rng = _rng("samples", self.seed, epoch, self.rank)
+        group = self.batch_size * self.length_bucket
+        produced, limit = 0, self.batches_per_epoch(epoch)
+        for chunk in _chunks(_shuffled(iter_shard_samples(paths, self.handler), self.shuffle_buffer, rng), group):
+            if self.length_bucket > 1:
+                chunk.sort(key=lambda sample: len(sample[0]))
+            batches = [chunk[i:i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
+            rng.shuffle(batches)
+            for batch in batches:
+                if produced == limit:
+                    return
+                yield batch
+                produced += 1
+
+    def batches(self, epoch: int, start: int = 0):
+        dataset = _CollatedBatches(self, epoch, start)
+        if self.num_workers == 0:
+            return iter(dataset)
+        # batch_size=None: the dataset already yields batches; in-order round-robin over workers
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+
+
+class _CollatedBatches(IterableDataset):
+    def __init__(self, loader: ShardBatches, epoch: int, start: int):
+        self.loader, self.epoch, self.start = loader, epoch, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for number, batch in enumerate(self.loader.raw_batches(self.epoch)):
+            if number >= self.start and (number - self.start) % workers == worker:
+                texts = [text for text, _ in batch]
+                teacher = None if batch[0][1] is None else torch.from_numpy(np.stack([t for _, t in batch]).astype(np.float32))
+                yield self.loader.collate(texts, teacher)
+
+
+def _shuffled(samples, buffer_size: int, rng: random.Random):
+    """A streaming shuffle: keep `buffer_size` samples, emit a random one as each new one arrives."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(buffer_size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class TripletBatches:
+    """NLI triplets held in memory: per epoch a seeded permutation; rank r takes every W-th batch's slice.
+
+    Every rank yields floor(triplets / (W * batch size)) batches; the rest are not seen that epoch."""
+
+    def __init__(self, triplets: tuple, batch_size: int, rank: int, world_size: int, collate, seed: int = 0):
+        self.anchors, self.positives, self.negatives = triplets
+        self.batch_size, self.rank, self.world_size, self.collate, self.seed = batch_size, rank, world_size, collate, seed
+        if self.batches_per_epoch(0) == 0:
+            raise UserError(f"{len(self.anchors)} triplets over {world_size} ranks give no full batch of {batch_size}; "
+                            "lower --batch-size")
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        return len(self.anchors) // (self.world_size * self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0):
+        order = list(range(len(self.anchors)))
+        _rng("triplets", self.seed, epoch).shuffle(order)
+        global_batch = self.world_size * self.batch_size
+        for number in range(start, self.batches_per_epoch(epoch)):
+            first = number * global_batch + self.rank * self.batch_size
+            index = order[first:first + self.batch_size]
+            yield self.collate([self.anchors[i] for i in index], [self.positives[i] for i in index],
+                               [self.negatives[i] for i in index])
