@@ -5,6 +5,7 @@ from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`). CPU: gloo, fp32.
 """
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,9 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     env = read_env(local_rank_flag)
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(name, str(value))
-    if env.world_size > 1 or "MASTER_ADDR" in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # a lone process takes any free port, so that several single-process runs can share a machine
+    os.environ.setdefault("MASTER_PORT", str(_free_port() if env.world_size == 1 else 29500))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     deepspeed = import_deepspeed()
@@ -64,16 +65,24 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def import_deepspeed():
     """deepspeed, set up for this machine. Use it instead of `import deepspeed` before initialising anything.
 
     On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (45-80 s) that
     neither ZeRO nor our gathers use (gloo serves every collective), so it is not built there."""
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
     if not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
+        # by module path: the attribute deepspeed.comm.torch is shadowed by the torch package itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 

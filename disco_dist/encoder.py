@@ -121,7 +121,8 @@ class Encoder(nn.Module):
             tokenizer,
             pooling=pooling or settings.get("pooling", "mean"),
             normalize=settings.get("normalize", True) if normalize is None else normalize,
-            max_length=max_length or settings.get("max_length", tokenizer_max),
+            # a requested length beyond what the model's positions cover is capped there
+            max_length=min(max_length or settings.get("max_length", tokenizer_max), tokenizer_max),
         )
 
     def tokenize(self, sentences):
@@ -136,11 +137,11 @@ class Encoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
         return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    def forward(self, input_ids, attention_mask, **extra):
-        """Pooled embeddings, normalised if this encoder normalises (a differentiable path for training)."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    def forward(self, input_ids, attention_mask, normalize=None):
+        """Pooled embeddings, normalised if this encoder normalises (or as `normalize` says)."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
         embeddings = self.pool(outputs, attention_mask)
-        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
+        return F.normalize(embeddings, dim=-1) if (self.normalize if normalize is None else normalize) else embeddings
 
     @torch.inference_mode()
     def encode(self, sentences, batch_size=64, progress=False, device=None) -> torch.Tensor:

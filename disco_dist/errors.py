@@ -4,6 +4,7 @@ Library code raises `UserError` for anything the user can fix (a flag, a path, a
 launchers wrap their `main` in `exit_on_user_error`, which prints the message and exits 2.
 """
 import functools
+import os
 import sys
 
 
@@ -17,7 +18,8 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line, not one per rank
+                print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

@@ -1,9 +1,10 @@
 """Losses as pure functions of embeddings (plus the small state they need: a logit scale, a queue).
 
 Each returns the loss of this rank's samples, averaged over them. Under the engine's gradient averaging
-over W ranks with equal batches, W ranks x B give the same loss and gradients as 1 rank x W*B: the
-`gather` arguments say how other ranks' embeddings come in (with gradient for the student's own
-embeddings, without for the frozen teacher's), and `rank` says where this rank's rows sit in the gather.
+over W ranks with equal batches, W ranks x B give the same loss and gradients as 1 rank x W*B. Other
+ranks' embeddings come in gathered: the student's own with gradient (`gather` in sup_contrastive_loss),
+the frozen teacher's without (gathered by the caller for ckd_loss); `this_rank` says where this rank's
+rows sit in a gathered batch.
 """
 import math
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_no_grad, all_gather_with_grad, rank
+from .distributed import all_gather_with_grad, rank
 
 
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -19,18 +20,18 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher.to(student.dtype))
 
 
-def ckd_loss(student: torch.Tensor, teacher: torch.Tensor, logit_scale: torch.Tensor, queue: torch.Tensor | None = None,
-             gather=all_gather_no_grad, this_rank: int | None = None) -> torch.Tensor:
+def ckd_loss(student: torch.Tensor, teacher_keys: torch.Tensor, logit_scale: torch.Tensor,
+             queue: torch.Tensor | None = None, this_rank: int | None = None) -> torch.Tensor:
     """Contrastive KD: q_i must pick out k_i, the teacher embedding of the same sentence, among the teacher
-    embeddings of the global batch (every rank's) and of the queue.
+    embeddings of the global batch and of the queue.
 
-    student: (B, D) projected student embeddings; teacher: (B, D); logit_scale: scalar s (not its log);
-    queue: (M, D) earlier teacher embeddings or None. Both sides are L2-normalised here.
-    The teacher is frozen, so gathering its embeddings needs no gradient: the student's q_i only meets
-    teacher keys, and each rank's loss depends on its own q's alone."""
+    student: (B, D) this rank's projected student embeddings; teacher_keys: (W*B, D) the teacher embeddings
+    of the global batch (every rank's, gathered; this rank's rows at this_rank*B); logit_scale: the scalar s
+    (not its log); queue: (M, D) earlier teacher embeddings or None. Both sides are L2-normalised here.
+    The teacher is frozen, so its gathered embeddings need no gradient: each rank's loss depends on its own
+    q's alone, and the engine's gradient average over ranks is the gradient of the global mean."""
     q = F.normalize(student, dim=-1)
-    k_local = F.normalize(teacher.to(q.dtype), dim=-1)
-    keys = gather(k_local)
+    keys = F.normalize(teacher_keys.to(q.dtype), dim=-1)
     if queue is not None and len(queue):
         keys = torch.cat([keys, F.normalize(queue.to(q.dtype), dim=-1)], dim=0)
     logits = logit_scale * q @ keys.T
@@ -61,7 +62,7 @@ class LogitScale(nn.Module):
 
     def __init__(self, initial: float, learnable: bool = True, max_value: float = 100.0):
         super().__init__()
-        log_value = torch.tensor(math.log(initial))
+        log_value = torch.tensor([math.log(initial)])  # 1-d: DeepSpeed cannot broadcast 0-d parameters
         if learnable:
             self.log_value = nn.Parameter(log_value)
         else:

@@ -28,7 +28,8 @@ def compute(loss_name, model, scale, d, sl, gather=None):
     if loss_name == "mse":
         return mse_loss(model(d["x"][sl]), d["teacher"][sl])
     if loss_name == "ckd":
-        return ckd_loss(model(d["x"][sl]), d["teacher"][sl], scale(), d["queue"], **({"gather": gather} if gather else {}))
+        # the caller gathers the frozen teacher's embeddings (no gradient needed): the global batch's keys
+        return ckd_loss(model(d["x"][sl]), all_gather_no_grad(d["teacher"][sl]), scale(), d["queue"])
     return sup_contrastive_loss(model(d["x"][sl]), model(d["x_pos"][sl]), model(d["x_neg"][sl]), 0.05 * scale() / math.e,
                                 **({"gather": gather} if gather else {}))
 

@@ -1,0 +1,148 @@
+"""Command-line flags of the two training stages, with an optional JSON config file.
+
+Precedence: command line > `--config FILE` (JSON, keys are flag names with _ or -) > defaults.
+`check_config` turns every bad path and incompatible combination into one line before any work starts.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIGS = REPO_ROOT / "ds_configs"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line too, exit 2
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _common(parser: Parser, stage: str) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", type=Path, help="JSON file of flag values (the command line overrides it)")
+    g.add_argument("--run-dir", type=Path, default=Path("runs") / stage, help=f"run folder (default runs/{stage})")
+    g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run folder, if any) "
+                   "or a checkpoint folder")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-root", help="data folder (default: $DISCO_DATA_ROOT or ../shared/data)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from deepspeed
+    g = parser.add_argument_group("student and optimisation")
+    g.add_argument("--max-length", type=int, default=128, help="max tokens per sentence, student and teacher")
+    g.add_argument("--batch-size", type=int, default=64, help="sentences (stage 2: triplets) per rank per step")
+    g.add_argument("--epochs", type=float, default=1, help="passes over the data (fractions allowed)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no cap)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--ds-config", type=Path, default=DS_CONFIGS / "student_zero0.json",
+                   help="DeepSpeed config of the student engine (ZeRO 0, 1 or 2)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the device supports it (GPU), else fp32")
+    g.add_argument("--num-workers", type=int, default=0, help="tokenising worker processes per rank")
+    g = parser.add_argument_group("checkpoints, monitoring, selection")
+    g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K complete checkpoints")
+    g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points")
+    g.add_argument("--eval-every", type=int, default=0 if stage == "distill" else 50,
+                   help="steps between STS-B dev evaluations on rank 0 (0: none)")
+    g.add_argument("--select", choices=("last", "best"), default="last" if stage == "distill" else "best",
+                   help="final model: the last step's, or the best by STS-B dev Spearman")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on rank 0")
+
+
+def distill_parser() -> Parser:
+    parser = Parser(prog="distill.py", description="Stage 1: KD or CKD from a frozen ZeRO-3 teacher into a student, "
+                    "on shards made by launchers/make_shards.py.")
+    _common(parser, "distill")
+    g = parser.add_argument_group("models")
+    g.add_argument("--student", default="all-MiniLM-L6-v2", help="student: folder, fetched name or hub id")
+    g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
+    g.add_argument("--teacher", default="all-mpnet-base-v2", help="teacher: folder, fetched name or hub id")
+    g.add_argument("--teacher-ds-config", type=Path, default=DS_CONFIGS / "teacher_zero3.json")
+    g.add_argument("--teacher-batch-size", type=int, default=256,
+                   help="sentences per teacher forward (online mode embeds several student batches at once)")
+    g = parser.add_argument_group("data and loss")
+    g.add_argument("--shards", type=Path, default=Path("runs") / "shards",
+                   help="shard folder (with teacher embeddings: cached mode)")
+    g.add_argument("--teacher-mode", choices=("auto", "online", "cached"), default="auto",
+                   help="auto: cached when the shards hold teacher embeddings, else online")
+    g.add_argument("--shuffle-buffer", type=int, default=10_000)
+    g.add_argument("--length-bucket", type=int, default=16, help="batches grouped by length (1: off)")
+    g.add_argument("--loss", choices=("ckd", "mse"), default="ckd")
+    g.add_argument("--mse-weight", type=float, default=0.0, help="with --loss ckd: add this times the MSE term")
+    g.add_argument("--queue-size", type=int, default=65_536, help="CKD queue of earlier teacher embeddings")
+    g.add_argument("--logit-scale", type=float, default=2.718281828, help="CKD's initial logit scale")
+    g.add_argument("--fixed-logit-scale", action="store_true", help="do not learn the logit scale")
+    g.add_argument("--head", choices=("linear", "none"), default="linear",
+                   help="projection of the student embedding to the teacher's width (none: widths must match)")
+    g.add_argument("--head-init", choices=("lstsq", "random"), default="lstsq",
+                   help="lstsq: least-squares fit of student to teacher embeddings on --head-init-samples sentences")
+    g.add_argument("--head-init-samples", type=int, default=2000)
+    g.add_argument("--lr", type=float, default=2e-4)
+    return parser
+
+
+def finetune_parser() -> Parser:
+    parser = Parser(prog="finetune.py", description="Stage 2: supervised contrastive fine-tuning (SimCSE) of a "
+                    "student on NLI triplets (anchor, entailment, contradiction).")
+    _common(parser, "finetune")
+    g = parser.add_argument_group("model, data and loss")
+    g.add_argument("--student", default=str(Path("runs") / "distill" / "final"),
+                   help="student folder (a stage-1 final model), fetched name or hub id")
+    g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
+    g.add_argument("--nli", nargs="+", type=Path, help="sent0,sent1,hard_neg CSV files (default: the shared SNLI ones)")
+    g.add_argument("--max-triplets", type=int, default=0, help="use only the first N triplets (0: all)")
+    g.add_argument("--temperature", type=float, default=0.05)
+    g.add_argument("--learnable-temperature", action="store_true")
+    g.add_argument("--no-hard-negatives", action="store_true", help="positives only as candidates")
+    g.add_argument("--lr", type=float, default=5e-5)
+    return parser
+
+
+def parse(parser: Parser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.config:
+        if not args.config.is_file():
+            raise UserError(f"--config {args.config}: no such file")
+        try:
+            values = json.loads(args.config.read_text())
+        except ValueError as err:
+            raise UserError(f"--config {args.config} is not valid JSON ({err})") from None
+        known = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}; keys are flag names")
+        for action in parser._actions:  # path-typed flags from the file are paths too
+            if action.dest in values and action.type is Path and values[action.dest] is not None:
+                values[action.dest] = ([Path(v) for v in values[action.dest]] if isinstance(values[action.dest], list)
+                                       else Path(values[action.dest]))
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    check_common(args)
+    return args
+
+
+def check_common(args) -> None:
+    positive = ("max_length", "batch_size", "log_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.epochs <= 0 and args.max_steps <= 0:
+        raise UserError("--epochs must be positive (or give --max-steps)")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.select == "best" and args.eval_every <= 0:
+        raise UserError("--select best needs --eval-every > 0 (the best is chosen by STS-B dev Spearman)")
+    if not Path(args.ds_config).is_file():
+        raise UserError(f"--ds-config {args.ds_config} does not exist; see ds_configs/")
+    if args.resume not in (None, "", "auto") and not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such checkpoint folder (or use --resume auto)")
+
+
+def to_json(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], Path) else v)
+            for k, v in sorted(vars(args).items()) if k not in ("local_rank", "config")}

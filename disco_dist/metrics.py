@@ -1,0 +1,145 @@
+"""Step metrics: loss terms, throughput and where the time goes, to TensorBoard and a progress line.
+
+Only rank 0 writes. `flush` is collective (every rank calls it at the same step): it averages the
+interval's loss terms and sums sentences and tokens over the ranks with one small all-reduce.
+"""
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from . import distributed
+
+
+class Stopwatch:
+    """Seconds spent in named parts of the step (teacher, comm) since the last `take`."""
+
+    def __init__(self):
+        self.totals = defaultdict(float)
+
+    @contextmanager
+    def timing(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - start
+
+    def timed(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            with self.timing(name):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def wrap(self, obj, method: str, name: str) -> None:
+        setattr(obj, method, self.timed(name, getattr(obj, method)))
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] += seconds
+
+    def take(self) -> dict:
+        out = dict(self.totals)
+        self.totals.clear()
+        return out
+
+
+class Metrics:
+    def __init__(self, log_dir, progress_total: int, progress_start: int = 0, show_progress: bool = False):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        self.is_main = log_dir is not None
+        self.total, self.start_step = progress_total, progress_start
+        self.bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress_total, initial=progress_start, unit="step", dynamic_ncols=True)
+        self.terms = defaultdict(float)
+        self.counts = {"sentences": 0, "tokens": 0, "steps": 0}
+        self.started = self.interval_start = time.perf_counter()
+        self.stopwatch_totals = defaultdict(float)
+        self.paused = 0.0
+
+    @contextmanager
+    def paused_clock(self):
+        """Evaluation and checkpoint time: not part of the training throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
+    def record(self, terms: dict, sentences: int, tokens: int, stopwatch) -> None:
+        for name, value in terms.items():
+            self.terms[name] += float(value.detach())
+        self.counts["sentences"] += sentences
+        self.counts["tokens"] += tokens
+        self.counts["steps"] += 1
+        for name, seconds in stopwatch.take().items():
+            self.stopwatch_totals[name] += seconds
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self, step: int, gauges: dict) -> None:
+        names = sorted(self.terms)
+        steps = max(1, self.counts["steps"])
+        values = torch.tensor([self.terms[n] / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
+                              dtype=torch.float64)
+        if distributed.world_size() > 1:
+            dist.all_reduce(values)
+            values[: len(names)] /= distributed.world_size()
+        seconds = max(1e-9, time.perf_counter() - self.interval_start - self.paused)
+        scalars = {f"loss/{n}": float(v) for n, v in zip(names, values)}
+        scalars["throughput/sentences_per_s"] = float(values[-2]) / seconds
+        scalars["throughput/tokens_per_s"] = float(values[-1]) / seconds
+        for name in ("teacher", "comm"):
+            scalars[f"time/{name}_share"] = self.stopwatch_totals.get(name, 0.0) / seconds
+        scalars.update({(k if "/" in k else f"train/{k}"): v for k, v in gauges.items()})
+        if self.is_main:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+            self._report(step, scalars)
+        self.terms.clear()
+        self.counts = {"sentences": 0, "tokens": 0, "steps": 0}
+        self.stopwatch_totals.clear()
+        self.interval_start, self.paused = time.perf_counter(), 0.0
+
+    def _report(self, step: int, scalars: dict) -> None:
+        losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
+        rate = scalars["throughput/sentences_per_s"]
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{losses} {rate:.0f} sent/s")
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(1, done) * (self.total - step)
+        print(f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
+              f"comm {scalars['time/comm_share']:.0%}  ETA {_duration(eta)}", flush=True)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.is_main:
+            self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+            if self.bar is None:
+                print(f"step {step}: {name} = {value:.2f}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,23 @@
+"""Stage 1: KD / contrastive KD from a frozen ZeRO-3 teacher into a student.
+
+    deepspeed --num_gpus 2 launchers/distill.py --shards runs/shards --student all-MiniLM-L6-v2 --keep-layers 0 2 5
+    python launchers/distill.py --help
+
+On CPU, `deepspeed --num_gpus N` starts N CPU ranks (gloo, fp32); give each OMP_NUM_THREADS=1.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from disco_dist.config import distill_parser, parse  # noqa: E402
+from disco_dist.errors import exit_on_user_error  # noqa: E402
+from disco_dist.train import Distill, train  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv=None):
+    train(parse(distill_parser(), argv), Distill)
+
+
+if __name__ == "__main__":
+    main()

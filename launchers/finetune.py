@@ -1,0 +1,23 @@
+"""Stage 2: supervised contrastive fine-tuning on NLI triplets.
+
+    deepspeed --num_gpus 2 launchers/finetune.py --student runs/distill/final
+    python launchers/finetune.py --help
+
+On CPU, `deepspeed --num_gpus N` starts N CPU ranks (gloo, fp32); give each OMP_NUM_THREADS=1.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from disco_dist.config import finetune_parser, parse  # noqa: E402
+from disco_dist.errors import exit_on_user_error  # noqa: E402
+from disco_dist.train import Finetune, train  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv=None):
+    train(parse(finetune_parser(), argv), Finetune)
+
+
+if __name__ == "__main__":
+    main()
