@@ -1,0 +1,86 @@
+"""The streaming loader: equal batch counts per rank, exact resume, workers, clear errors."""
+import pytest
+
+from disco_dist.errors import UserError
+from disco_dist.loader import ShardBatches, TripletBatches
+from disco_dist.shards import ShardFile, ShardFolderWriter, shard_name, write_index
+
+
+def texts_only(texts, teacher):
+    return texts
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """7 shards of different sizes (301 sentences of different lengths)."""
+    folder = tmp_path_factory.mktemp("uneven")
+    sizes = [80, 13, 55, 41, 7, 60, 45]
+    entries, n = [], 0
+    for number, size in enumerate(sizes):
+        shard = ShardFile(folder / shard_name(number))
+        for _ in range(size):
+            shard.write(f"{n:09d}", "word " * (n % 17) + f"sentence {n}")
+            n += 1
+        entries.append(shard.close())
+    return write_index(folder, n, entries)
+
+
+def loader(index, rank, world=2, **kw):
+    options = dict(batch_size=8, rank=rank, world_size=world, collate=texts_only, seed=5, shuffle_buffer=50,
+                   length_bucket=4)
+    options.update(kw)
+    return ShardBatches(index, **options)
+
+
+def test_every_rank_has_the_same_number_of_batches(uneven_shards):
+    for epoch in range(4):
+        per_rank = [list(loader(uneven_shards, r).batches(epoch)) for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1]) == loader(uneven_shards, 0).batches_per_epoch(epoch) > 0
+        seen = [t for batches in per_rank for batch in batches for t in batch]
+        assert len(seen) == len(set(seen))  # no sentence twice within an epoch
+    three = [loader(uneven_shards, r, world=3).batches_per_epoch(1) for r in range(3)]
+    assert len(set(three)) == 1
+
+
+def test_epochs_differ_and_are_reproducible(uneven_shards):
+    a = list(loader(uneven_shards, 0).batches(0))
+    assert a == list(loader(uneven_shards, 0).batches(0))
+    assert a != list(loader(uneven_shards, 0).batches(1))
+
+
+def test_resume_mid_epoch_gives_the_next_batches(tmp_path):
+    writer = ShardFolderWriter(tmp_path, shard_size=40)
+    for n in range(800):
+        writer.write(f"{'x' * (n % 23)} {n}")
+    index = writer.finish()
+    first = loader(index, 1, batch_size=4)
+    stream = first.batches(epoch=2)
+    consumed = [next(stream) for _ in range(40)]
+    expected_next = [next(stream) for _ in range(8)]
+    position = {"epoch": 2, "batch": len(consumed)}  # what a checkpoint keeps
+    rebuilt = loader(index, 1, batch_size=4).batches(position["epoch"], position["batch"])
+    assert [next(rebuilt) for _ in range(8)] == expected_next
+
+
+def test_workers_yield_the_same_batches_in_the_same_order(uneven_shards):
+    plain = list(loader(uneven_shards, 1).batches(3, start=2))
+    with_workers = list(loader(uneven_shards, 1, num_workers=2).batches(3, start=2))
+    assert with_workers == plain
+
+
+def test_too_few_shards_is_a_clear_error(uneven_shards):
+    with pytest.raises(UserError, match="7 shards for 8 ranks"):
+        loader(uneven_shards, 0, world=8)
+    with pytest.raises(UserError, match="no full batch"):
+        loader(uneven_shards, 0, batch_size=1000)
+
+
+def test_triplet_batches_split_over_ranks_and_resume():
+    triplets = tuple([f"{c}{i}" for i in range(50)] for c in "apn")
+    ranks = [TripletBatches(triplets, 4, r, 2, lambda a, p, n: (a, p, n), seed=1) for r in range(2)]
+    assert [r.batches_per_epoch(0) for r in ranks] == [6, 6]
+    batches = [list(r.batches(0)) for r in ranks]
+    anchors = [a for rank in batches for (anchor, _, _) in rank for a in anchor]
+    assert len(anchors) == len(set(anchors)) == 48
+    assert list(ranks[0].batches(0, start=4)) == batches[0][4:]
+    assert all(p == "p" + a[1:] for rank in batches for (anchor, pos, _) in rank for a, p in zip(anchor, pos))
