@@ -66,16 +66,18 @@ class ZeroTeacher:
 
     @torch.no_grad()
     def embed(self, sentences: list) -> torch.Tensor:
-        """Teacher embeddings (float32, CPU) in `batch_size` chunks. Collective: every rank must call this
-        with the same number of chunks."""
+        """Teacher embeddings (float32, CPU) in their order, computed in `batch_size` chunks of length-sorted
+        sentences (little padding). Collective: every rank must call this with the same number of chunks,
+        ceil(len(sentences) / batch_size)."""
         start = time.perf_counter()
-        chunks = [sentences[i:i + self.batch_size] for i in range(0, len(sentences), self.batch_size)]
-        out = []
-        for chunk in chunks:
-            batch = self.encoder.tokenize(chunk).to(self.device)
-            out.append(self.encoder(batch["input_ids"], batch["attention_mask"]).float().cpu())
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = torch.empty(len(sentences), self.dim)
+        for first in range(0, len(order), self.batch_size):
+            index = order[first:first + self.batch_size]
+            batch = self.encoder.tokenize([sentences[i] for i in index]).to(self.device)
+            out[index] = self.encoder(batch["input_ids"], batch["attention_mask"]).float().cpu()
         self.seconds += time.perf_counter() - start
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return out
 
     def padding_forward(self) -> None:
         """A throw-away forward, so a rank with nothing left keeps step with the others' gathers."""
@@ -106,12 +108,10 @@ def cache_teacher_embeddings(teacher: ZeroTeacher, source_folder, out_folder, en
     for i in mine:
         shard = ShardFile(Path(out_folder) / source.shards[i]["name"])
         samples = list(iter_shard_samples([source.paths()[i]], with_keys=True))
-        for start in range(0, len(samples), teacher.batch_size):
-            chunk = samples[start:start + teacher.batch_size]
-            embeddings = teacher.embed([text for _, text, _ in chunk])
-            forwards += 1
-            for (key, text, _), embedding in zip(chunk, embeddings.numpy()):
-                shard.write(key, text, embedding)
+        embeddings = teacher.embed([text for _, text, _ in samples])
+        forwards += -(-len(samples) // teacher.batch_size)
+        for (key, text, _), embedding in zip(samples, embeddings.numpy()):
+            shard.write(key, text, embedding)
         written.append((i, shard.close()))
         if env.is_main:
             log(f"rank 0: {source.shards[i]['name']} done ({len(written)}/{len(mine)} of this rank's shards)")
