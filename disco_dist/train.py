@@ -8,11 +8,15 @@ contrastive on NLI triplets).
 """
 import json
 import math
+import os
 import random
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +31,33 @@ from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastiv
 from .metrics import Metrics, Stopwatch
 from .shards import iter_shard_samples, read_index
 from .teacher import ZeroTeacher, bf16_supported, load_ds_config
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary on a pre-emption/time-out signal, after a complete checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path, previous_handler):
+        super().__init__(f"stopped at step {step} on a pre-emption signal; checkpoint {checkpoint} is complete")
+        self.step, self.checkpoint, self.previous_handler = step, checkpoint, previous_handler
+
+
+class PreemptionSignal:
+    """SIGUSR2 (SLURM's `--signal=USR2@T`, Submitit's time-out signal) sets a flag; at each step boundary the
+    ranks agree (any rank signalled -> all stop), so every rank checkpoints the same step."""
+
+    def __init__(self, signum=signal.SIGUSR2):
+        self.flag = False
+        self.previous_handler = signal.signal(signum, self._handle)  # Submitit's requeue handler, if any
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        if distributed.world_size() == 1:
+            return self.flag
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Student(nn.Module):
@@ -83,7 +114,9 @@ def train(args, stage_class) -> Path:
     engine.train()  # from_pretrained hands models over in eval mode: dropout on for training
 
     def checkpoint_now():
-        save_checkpoint(engine, run_dir, state["step"], state, stage.extra(), args.keep_checkpoints)
+        return save_checkpoint(engine, run_dir, state["step"], state, stage.extra(), args.keep_checkpoints)
+
+    preemption = PreemptionSignal()
 
     while state["step"] < total_steps:
         if state["batch"] >= stage.loader.batches_per_epoch(state["epoch"]):
@@ -106,6 +139,10 @@ def train(args, stage_class) -> Path:
                     checkpoint_now()
             if state["step"] >= total_steps:
                 break
+            if preemption.agreed():
+                saved = checkpoint_now()
+                metrics.close()
+                raise Preempted(state["step"], saved, preemption.previous_handler)
     checkpoint_now()
     final = run_dir / "final"
     if env.is_main and (args.select == "last" or not final.exists()):
@@ -119,6 +156,25 @@ def train(args, stage_class) -> Path:
     metrics.close()
     distributed.shutdown()
     return final
+
+
+def run_stage(args, stage_class) -> Path | None:
+    """What a launcher runs: `train`, and on pre-emption a SLURM requeue (outside Submitit, which has its own)."""
+    try:
+        return train(args, stage_class)
+    except Preempted as stop:
+        job = os.environ.get("SLURM_JOB_ID")
+        if distributed.rank() == 0:
+            print(f"{stop}", flush=True)
+            if job and "SUBMITIT_FOLDER" not in os.environ:
+                subprocess.run(["scontrol", "requeue", job], check=False)  # argv list: no shell
+                print(f"requeued SLURM job {job}; it resumes from the checkpoint (--resume auto)", flush=True)
+            else:
+                print("rerun with --resume auto to continue", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+
+
+EXIT_PREEMPTED = 3
 
 
 def evaluate_and_select(stage, args, env, state, metrics, run_dir):
@@ -228,7 +284,7 @@ class Distill:
         texts = [t for t, _ in samples]
         if self.teacher is not None:
             return texts, self.teacher.embed(texts)  # every rank embeds the same sentences: equal forwards
-        return texts, torch.tensor([e for _, e in samples], dtype=torch.float32)
+        return texts, torch.from_numpy(np.stack([e for _, e in samples]).astype(np.float32))
 
     def collate(self, texts, teacher):
         batch = self.student.encoder.tokenize(texts)

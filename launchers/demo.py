@@ -5,7 +5,7 @@
   3. the teacher embeds them once under ZeRO-3 across the ranks (cached in new shards);
   4. CKD from those embeddings into a 3-layer student kept from MiniLM's layers 0, 2, 5;
   5. supervised contrastive fine-tuning on NLI triplets, best by STS-B dev;
-  6. the seven-task STS table: the student, its initialisation and the teacher.
+  6. the seven-task STS table: the DisCo student, its initialisation and the teacher.
 
     python launchers/demo.py                  # or: make demo
     python launchers/demo.py --sentences 10000 --run-dir runs/demo10k
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from disco_dist.errors import UserError, exit_on_user_error  # noqa: E402
 from disco_dist.evaluate import format_table  # noqa: E402
 
-NOISE = ("[INFO]", "[real_accelerator.py", "FutureWarning", "return func(*args", "Loading weights")
+NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return ", "Loading weights")
 TEACHER = "all-mpnet-base-v2"
 STUDENT = "all-MiniLM-L6-v2"
 STUDENT_LAYERS = ["0", "2", "5"]
@@ -39,11 +39,13 @@ def run(cmd, ranks=None):
     else:
         cmd = [python, *cmd]
     print("\n$ " + " ".join(str(c) for c in cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if ranks:
+        env["OMP_NUM_THREADS"] = "1"  # one core per rank, or the ranks fight over the cores
     with subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         for line in process.stdout:
-            if not any(noise in line for noise in NOISE):
+            if line.strip() and not any(noise in line for noise in NOISE):
                 print(line, end="", flush=True)
     if process.returncode != 0:
         raise UserError(f"step failed (exit {process.returncode}): {' '.join(str(c) for c in cmd)}")
@@ -105,7 +107,6 @@ def main(argv=None):
     rows[label] = scores
     rows["student init (MiniLM-L6 layers 0,2,5)"] = evaluation(
         STUDENT, eval_cache / "student-L3-init.json", "init", ["--keep-layers", *STUDENT_LAYERS])
-    rows["student after CKD"] = evaluation(distilled / "final", distilled / "eval_sts.json", "ckd")
     rows["student after CKD + fine-tuning"] = evaluation(finetuned / "final", finetuned / "eval_sts.json", "disco")
     print("\nSTS (cosine, Spearman x100; STS12-16 all, STS-B and SICK-R test)\n" + format_table(rows))
     print(f"\nrun folder: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir} --host 127.0.0.1")

@@ -11,12 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from disco_dist.config import distill_parser, parse  # noqa: E402
 from disco_dist.errors import exit_on_user_error  # noqa: E402
-from disco_dist.train import Distill, train  # noqa: E402
+from disco_dist.train import Distill, run_stage  # noqa: E402
 
 
 @exit_on_user_error
 def main(argv=None):
-    train(parse(distill_parser(), argv), Distill)
+    run_stage(parse(distill_parser(), argv), Distill)
 
 
 if __name__ == "__main__":

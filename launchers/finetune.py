@@ -11,12 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from disco_dist.config import finetune_parser, parse  # noqa: E402
 from disco_dist.errors import exit_on_user_error  # noqa: E402
-from disco_dist.train import Finetune, train  # noqa: E402
+from disco_dist.train import Finetune, run_stage  # noqa: E402
 
 
 @exit_on_user_error
 def main(argv=None):
-    train(parse(finetune_parser(), argv), Finetune)
+    run_stage(parse(finetune_parser(), argv), Finetune)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""The DisCo pipeline as Submitit jobs: shards -> [teacher cache] -> distill -> fine-tune -> evaluate.
+
+One SLURM job per stage, each with its own resources, chained with `afterok` dependencies (a failed stage
+cancels the rest). The training stages are `Checkpointable`: on the pre-timeout/pre-emption signal every
+rank checkpoints at a step boundary, then Submitit requeues the job, which resumes (`--resume auto`).
+"""
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from .errors import UserError
+
+
+def _export_rank_environment(threads: int) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for this task, from Submitit's job environment."""
+    if "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage, run on every task of its job. `checkpoint` (Submitit's requeue hook) resubmits it as is:
+    the training stages always carry `--resume auto`, so the requeued job continues from the checkpoint."""
+
+    def __init__(self, stage: str, argv: list, threads: int = 1):
+        self.stage, self.argv, self.threads = stage, [str(a) for a in argv], threads
+
+    def __call__(self):
+        _export_rank_environment(self.threads)
+        if self.stage in ("distill", "finetune"):
+            return self._train()
+        return _run_launcher(self.stage, self.argv)
+
+    def _train(self):
+        from .config import distill_parser, finetune_parser, parse
+        from .train import Distill, Finetune, Preempted, train
+
+        parser, stage_class = (distill_parser(), Distill) if self.stage == "distill" else (finetune_parser(), Finetune)
+        try:
+            return str(train(parse(parser, self.argv), stage_class))
+        except Preempted as stop:
+            # every rank has written the checkpoint; now Submitit's own handler requeues (rank 0 exits in it)
+            if callable(stop.previous_handler):
+                stop.previous_handler(signal.SIGUSR2, None)
+            time.sleep(600)  # the other ranks wait to be ended with the job
+            raise
+
+
+def _run_launcher(stage: str, argv: list):
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "launchers" / LAUNCHERS[stage]
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise RuntimeError(f"{LAUNCHERS[stage]} exited with {done.code}; see this job's stderr") from None
+    finally:
+        sys.argv = saved
+    return stage
+
+
+LAUNCHERS = {"shards": "make_shards.py", "cache": "cache_teacher.py", "distill": "distill.py",
+             "finetune": "finetune.py", "evaluate": "evaluate.py"}
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    tasks_per_node: int = 2
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    timeout_min: int = 120
+    partition: str | None = None
+
+    def single(self) -> "Resources":
+        """One task on one node: for the stages that are not distributed (shards, evaluation)."""
+        return Resources(1, 1, self.cpus_per_task * self.tasks_per_node, min(self.gpus_per_node, 1),
+                         self.timeout_min, self.partition)
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list
+    resources: Resources
+    job: object = field(default=None, repr=False)
+
+
+def make_executor(folder: Path, local: bool, resources: Resources, name: str):
+    """Submitit's AutoExecutor: SLURM, or its LocalExecutor with `local` (same parameters, same job code)."""
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else "slurm")
+    params = dict(timeout_min=resources.timeout_min, nodes=resources.nodes, tasks_per_node=resources.tasks_per_node,
+                  cpus_per_task=resources.cpus_per_task, name=f"disco-{name}")
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    if not local:
+        params["slurm_signal_delay_s"] = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
+        if resources.partition:
+            params["slurm_partition"] = resources.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(stages: list, log_folder: Path, local: bool, log=print) -> list:
+    """Submit the stages in order. On SLURM each waits for the one before (afterok); locally they run one
+    after another (Submitit's LocalExecutor has no dependencies), each finished before the next starts."""
+    previous = None
+    for stage in stages:
+        executor = make_executor(log_folder, local, stage.resources, stage.name)
+        if previous is not None and not local:
+            executor.update_parameters(slurm_additional_parameters={
+                "dependency": f"afterok:{previous.job.job_id}", "kill-on-invalid-dep": "yes"})
+        if previous is not None and local:
+            wait_for(previous, log)
+        stage.job = executor.submit(StageJob(stage.name, stage.argv, stage.resources.cpus_per_task))
+        log(f"submitted {stage.name:<9} job {stage.job.job_id}")
+        previous = stage
+    return stages
+
+
+def wait_for(stage: Stage, log=print) -> None:
+    """Block until the stage's job ends; a failed stage raises UserError with its error."""
+    try:
+        stage.job.result()
+    except Exception as err:  # submitit re-raises the job's failure here
+        tail = _stderr_tail(stage.job)
+        raise UserError(f"stage {stage.name} (job {stage.job.job_id}) failed: {_first_line(err)}"
+                        + (f"\n--- its stderr ends with ---\n{tail}" if tail else "")) from None
+    log(f"{stage.name:<9} job {stage.job.job_id}: {stage.job.state}")
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+    return (errors or lines or [type(err).__name__])[-1].strip()
+
+
+def _stderr_tail(job, lines: int = 15) -> str:
+    try:
+        text = job.stderr() or ""
+    except Exception:  # the log may not exist (job never started)
+        return ""
+    kept = [line for line in text.splitlines() if "[WARNING]" not in line and "Warning" not in line]
+    return "\n".join(kept[-lines:])

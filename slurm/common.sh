@@ -1,0 +1,31 @@
+# Sourced by the stage batch scripts (slurm/*.sbatch): one process per task started by srun, each told
+# its rank by SLURM (RANK <- SLURM_PROCID, WORLD_SIZE <- SLURM_NTASKS, LOCAL_RANK <- SLURM_LOCALID, read
+# by disco_dist.distributed), the master address from the job's first node, a port from the job id.
+# Submit from the repository root (sbatch copies the script away, so its own path says nothing), or set
+# DISCO_REPO to it.
+REPO=${DISCO_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ ! -f "$REPO/launchers/distill.py" ]; then
+  echo "error: $REPO is not the disco-dist repository; submit from its root or set DISCO_REPO" >&2
+  exit 2
+fi
+cd "$REPO"
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=$(command -v python3)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# one rank per task: as many threads as CPUs SLURM gave the task, never the whole node's
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export TOKENIZERS_PARALLELISM=false
+# multi-node NCCL: pick the right interface if the default is wrong, e.g. NCCL_SOCKET_IFNAME=ib0 (see README)
+
+# log_to_run_dir DIR: a copy of everything this job prints goes to DIR/slurm-<job id>.log
+log_to_run_dir() {
+  mkdir -p "$1"
+  exec > >(tee -a "$1/slurm-${SLURM_JOB_ID}.log") 2>&1
+}
+
+# stage LAUNCHER ARGS...: run launchers/LAUNCHER on every task of the job
+stage() {
+  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}"
+}

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# A real single-node SLURM cluster on this machine, from Debian's packages: munge, MariaDB + slurmdbd
+# (so that sacct and Submitit's job states work), slurmctld and slurmd. Loopback only, no systemd,
+# no cgroups (linuxproc process tracking). Everything -- config, state, logs, pid files -- lives under
+# one folder, $DISCO_SLURM_HOME (default: .cache/slurm in the repository).
+#
+#   slurm/local-cluster.sh start     # idempotent; prints the SLURM_CONF line to export
+#   slurm/local-cluster.sh status
+#   slurm/local-cluster.sh stop      # ends only the daemons it started, by their pid files
+#   slurm/local-cluster.sh install   # apt-get the packages (root)
+#
+# Then: export SLURM_CONF=$DISCO_SLURM_HOME/etc/slurm.conf; sbatch slurm/ckd.sbatch
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HOME_DIR=${DISCO_SLURM_HOME:-$REPO/.cache/slurm}
+ETC=$HOME_DIR/etc RUN=$HOME_DIR/run LOG=$HOME_DIR/log STATE=$HOME_DIR/state DB=$HOME_DIR/mysql
+MUNGE_SOCKET=$RUN/munge.socket
+DB_PORT=${DISCO_SLURM_DB_PORT:-3307}
+CTLD_PORT=${DISCO_SLURMCTLD_PORT:-6817} SLURMD_PORT=${DISCO_SLURMD_PORT:-6818} DBD_PORT=${DISCO_SLURMDBD_PORT:-6819}
+CLUSTER=disco
+export SLURM_CONF=$ETC/slurm.conf
+PACKAGES="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+alive() {  # alive NAME: the daemon whose pid file we wrote is running
+  local pidfile=$RUN/$1.pid
+  [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local seconds=$1 what=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  while [ $SECONDS -lt $deadline ]; do timeout 5 "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
+  die "$what did not come up within ${seconds}s; see $LOG"
+}
+
+install_packages() {
+  missing=""
+  for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  [ -z "$missing" ] && return 0
+  [ "$(id -u)" = 0 ] || die "missing packages:$missing; install them as root: apt-get install$missing"
+  # policy-rc.d keeps the packages' own init scripts from starting system-wide daemons
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+}
+
+write_config() {
+  local host cpus memory
+  host=$(hostname)
+  cpus=$(nproc)
+  memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+  mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/d" "$DB"
+  chmod 700 "$RUN"
+  cat > "$ETC/slurm.conf" <<EOF
+# written by slurm/local-cluster.sh for this host
+ClusterName=$CLUSTER
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+CredType=cred/munge
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+# for slurmdbd connections this names the munge socket
+AccountingStoragePass=$MUNGE_SOCKET
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=300
+KillWait=10
+# jobs may be requeued (Submitit's preemption/timeout path); a requeued job starts again soon
+JobRequeue=1
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+  cat > "$ETC/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=$host
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$RUN/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=disco-local
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$ETC/slurmdbd.conf"
+}
+
+start_munge() {
+  alive munged && return 0
+  [ -s "$ETC/munge.key" ] || { dd if=/dev/urandom of="$ETC/munge.key" bs=1024 count=1 status=none; chmod 400 "$ETC/munge.key"; }
+  munged --force --key-file="$ETC/munge.key" --socket="$MUNGE_SOCKET" --pid-file="$RUN/munged.pid" \
+    --log-file="$LOG/munged.log" --seed-file="$STATE/munge.seed"
+  wait_for 10 munged munge --socket="$MUNGE_SOCKET" -n
+}
+
+db() { mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot "$@"; }
+
+start_mariadb() {
+  if ! alive mariadbd; then
+    if [ ! -d "$DB/mysql" ]; then
+      mariadb-install-db --user=root --datadir="$DB" --auth-root-authentication-method=normal \
+        >"$LOG/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $LOG/mariadb-install.log"
+    fi
+    nohup mariadbd --user=root --datadir="$DB" --socket="$RUN/mysql.sock" --port="$DB_PORT" \
+      --bind-address=127.0.0.1 --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadb.log" \
+      --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
+    wait_for 60 MariaDB db -e "SELECT 1"
+  fi
+  db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+         CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';
+         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+}
+
+start_slurm() {
+  if ! alive slurmdbd; then
+    slurmdbd
+    wait_for 60 slurmdbd sacctmgr -n list cluster
+  fi
+  sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  if ! alive slurmctld; then
+    slurmctld
+    wait_for 60 slurmctld scontrol ping
+  fi
+  if ! alive slurmd; then
+    slurmd
+  fi
+  wait_for 60 "the node" sh -c "sinfo -h -o %T | grep -qE '^(idle|mixed|allocated)'"
+}
+
+status() {
+  for d in munged mariadbd slurmdbd slurmctld slurmd; do
+    if alive "$d"; then echo "$d: running (pid $(cat "$RUN/$d.pid"))"; else echo "$d: stopped"; fi
+  done
+  if alive slurmctld; then sinfo; fi
+}
+
+stop() {
+  for d in slurmd slurmctld slurmdbd mariadbd munged; do
+    if alive "$d"; then
+      pid=$(cat "$RUN/$d.pid")
+      kill "$pid"
+      for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      echo "stopped $d (pid $pid)"
+    fi
+    rm -f "$RUN/$d.pid"
+  done
+}
+
+case "${1:-}" in
+  install) install_packages ;;
+  start)
+    install_packages
+    write_config
+    start_munge
+    start_mariadb
+    start_slurm
+    echo "local SLURM cluster '$CLUSTER' is up on $(hostname) ($(nproc) CPUs); state and logs in $HOME_DIR"
+    echo "export SLURM_CONF=$SLURM_CONF"
+    ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status|install" >&2; exit 2 ;;
+esac

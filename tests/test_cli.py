@@ -1,0 +1,75 @@
+"""Bad flags, paths and combinations: one clear line naming the thing, exit 2, no traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from disco_dist.shards import make_shards
+
+from conftest import REPO, build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    student = build_tiny_model(root / "student", hidden=32, layers=2, seed=0)
+    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"sentence {i}" for i in range(100)) + "\n")
+    make_shards(corpus, root / "shards", shard_size=50, log=lambda *_: None)
+    return root, student, teacher
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, str(REPO / "launchers" / script), *map(str, args)], capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    return result
+
+
+def assert_one_line(result, *needles):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_missing_shard_folder(tmp_path):
+    assert_one_line(run("distill.py", "--shards", tmp_path / "nope", "--run-dir", tmp_path / "r"), "nope", "make_shards")
+
+
+def test_missing_student_folder(tiny, tmp_path):
+    root, _, teacher = tiny
+    assert_one_line(run("distill.py", "--shards", root / "shards", "--student", tmp_path / "no" / "student",
+                        "--teacher", teacher, "--run-dir", tmp_path / "r"), "does not exist")
+
+
+def test_width_mismatch_without_projection(tiny, tmp_path):
+    root, student, teacher = tiny
+    assert_one_line(run("distill.py", "--shards", root / "shards", "--student", student, "--teacher", teacher,
+                        "--head", "none", "--run-dir", tmp_path / "r"), "--head none", "32", "48")
+
+
+def test_cached_mode_without_embeddings(tiny, tmp_path):
+    root, student, _ = tiny
+    assert_one_line(run("distill.py", "--shards", root / "shards", "--student", student, "--teacher-mode", "cached",
+                        "--run-dir", tmp_path / "r"), "no teacher embeddings")
+
+
+def test_bad_flag_values_and_combinations(tmp_path):
+    assert_one_line(run("distill.py", "--batch-size", 0), "--batch-size")
+    assert_one_line(run("distill.py", "--loss", "l1"), "--loss")
+    assert_one_line(run("finetune.py", "--select", "best", "--eval-every", 0), "--select best")
+    assert_one_line(run("distill.py", "--ds-config", tmp_path / "x.json"), "x.json")
+
+
+def test_config_file_keys_and_precedence(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"batch-size": 8, "no_such_flag": 1}))
+    assert_one_line(run("distill.py", "--config", config), "no_such_flag")
+    from disco_dist.config import distill_parser, parse
+
+    config.write_text(json.dumps({"batch_size": 8, "lr": 0.001, "shards": "somewhere"}))
+    args = parse(distill_parser(), ["--config", str(config), "--lr", "0.002"])
+    assert (args.batch_size, args.lr, str(args.shards)) == (8, 0.002, "somewhere")

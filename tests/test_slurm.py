@@ -1,0 +1,140 @@
+"""Against a real single-node SLURM (slurm/local-cluster.sh, started by .ci/run or here): the batch script,
+the Submitit pipeline, and the checkpoint-on-signal path that requeueing relies on."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from disco_dist.shards import make_shards
+
+from conftest import REPO, build_tiny_model
+from test_train import DEEPSPEED, scalars
+
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
+    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
+    return {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    student = build_tiny_model(root / "student", hidden=32, layers=2, seed=0)
+    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"the {i} dog plays in the park with {i % 7} children" for i in range(400)) + "\n")
+    make_shards(corpus, root / "shards", shard_size=50, log=lambda *_: None)
+    return root, student, teacher, corpus
+
+
+def sacct_state(job_id, env):
+    for _ in range(40):  # accounting lags the job's end by a moment
+        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                             text=True, env=env).stdout.split()
+        if out and out[0] not in ("RUNNING", "PENDING", "COMPLETING"):
+            return out[0]
+        time.sleep(0.5)
+    return out[0] if out else "UNKNOWN"
+
+
+def test_sbatch_ckd_two_tasks_completes(slurm_env, tiny, tmp_path):
+    root, student, teacher, _ = tiny
+    run_dir = tmp_path / "run"
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "SHARDS": str(root / "shards"), "STUDENT": str(student),
+           "TEACHER": str(teacher), "KEEP_LAYERS": ""}
+    result = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks-per-node=2", "--output", str(tmp_path / "out.log"),
+                             str(REPO / "slurm" / "ckd.sbatch"), "--max-steps", "8", "--batch-size", "8",
+                             "--queue-size", "64", "--log-every", "4", "--head-init", "random"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    job_id = result.stdout.strip().split(";")[0]
+    log = (tmp_path / "out.log").read_text() if (tmp_path / "out.log").exists() else ""
+    assert result.returncode == 0, log[-3000:] + result.stderr
+    assert sacct_state(job_id, slurm_env) == "COMPLETED"
+    assert "finished: 8 steps" in log
+    assert (run_dir / "ckd" / "final" / "model.safetensors").exists()
+    assert json.loads((run_dir / "ckd" / "config.json").read_text())["world_size"] == 2
+    assert set(scalars(run_dir / "ckd")["loss/ckd"]) == {4, 8}
+    assert (run_dir / f"slurm-{job_id}.log").exists()  # the job's log is in the run folder too
+
+
+def submit(args, env, timeout=900):
+    return subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def tiny_pipeline_args(root, student, teacher, corpus, run_dir):
+    return ["--run-dir", run_dir, "--corpus", corpus, "--sentences", 300, "--shard-size", 50, "--teacher", teacher,
+            "--student", student, "--keep-layers", "all", "--time", 20,
+            "--distill-args", "--max-steps 6 --batch-size 8 --queue-size 64 --log-every 3",
+            "--finetune-args", "--max-steps 4 --batch-size 4 --max-triplets 64 --eval-every 2 --log-every 2"]
+
+
+def test_submit_pipeline_all_stages_complete_in_order(slurm_env, tiny, tmp_path):
+    root, student, teacher, corpus = tiny
+    run_dir = tmp_path / "pipeline"
+    result = submit(tiny_pipeline_args(root, student, teacher, corpus, run_dir), slurm_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("submitted")]
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("submitted")] == \
+        ["shards", "cache", "distill", "finetune", "evaluate"]
+    assert [sacct_state(j, slurm_env) for j in jobs] == ["COMPLETED"] * 5
+    starts = [subprocess.run(["sacct", "-j", j, "-X", "-n", "-P", "-o", "Start"], capture_output=True, text=True,
+                             env=slurm_env).stdout.strip() for j in jobs]
+    assert starts == sorted(starts)  # each stage started after the one before
+    scores = json.loads((run_dir / "eval_sts.json").read_text())["scores"]
+    assert set(scores) == {"STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R", "avg"}
+    assert "TensorBoard: tensorboard --logdir" in result.stdout
+
+
+def test_submit_failing_stage_stops_the_chain_with_its_error(slurm_env, tiny, tmp_path):
+    root, student, teacher, corpus = tiny
+    args = tiny_pipeline_args(root, student, teacher, tmp_path / "no-such-corpus.txt", tmp_path / "broken")
+    result = submit(args, slurm_env, timeout=300)
+    assert result.returncode == 2
+    assert "stage shards" in result.stderr and "failed" in result.stderr
+    assert "no-such-corpus.txt" in result.stderr  # the stage's own one-line error reaches the user
+    later = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("submitted")][1:]
+    assert later and all(sacct_state(j, slurm_env) in ("CANCELLED", "CANCELLED+") for j in later)
+
+
+def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_path):
+    """What a requeue relies on: SIGUSR2 to the ranks -> all checkpoint the same step and stop; rerun resumes."""
+    root, student, teacher, _ = tiny
+    run_dir = tmp_path / "run"
+    args = [DEEPSPEED, "--num_gpus", "2", str(REPO / "launchers" / "distill.py"), "--shards", root / "shards",
+            "--student", student, "--teacher", teacher, "--run-dir", run_dir, "--batch-size", 4, "--epochs", 50,
+            "--queue-size", 32, "--log-every", 5, "--checkpoint-every", 0, "--head-init", "random", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, cwd=REPO)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 10/"):
+            ranks = subprocess.run(["pgrep", "-f", f"distill.py --local_rank=.*{run_dir}"], capture_output=True,
+                                   text=True).stdout.split()
+            assert len(ranks) == 2
+            for pid in ranks:  # the ranks only: SIGUSR2 would end the deepspeed launcher itself
+                os.kill(int(pid), signal.SIGUSR2)
+            break
+    output = "".join(lines) + process.stdout.read()
+    process.wait(timeout=120)
+    assert "on a pre-emption signal" in output and "rerun with --resume auto" in output, output[-3000:]
+    stopped_at = int(output.split("stopped at step ")[1].split()[0])
+    assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").exists()
+    resumed = subprocess.run([str(a) for a in args] + ["--max-steps", stopped_at + 5], capture_output=True, text=True,
+                             env=env, cwd=REPO, timeout=300)
+    assert f"at step {stopped_at}" in resumed.stdout and f"finished: {stopped_at + 5} steps" in resumed.stdout, \
+        resumed.stdout[-3000:] + resumed.stderr[-2000:]
