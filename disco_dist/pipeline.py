@@ -48,26 +48,24 @@ class StageJob(submitit.helpers.Checkpointable):
             return str(train(parse(parser, self.argv), stage_class))
         except Preempted as stop:
             # every rank has written the checkpoint; now Submitit's own handler requeues (rank 0 exits in it)
+            print(stop, flush=True)
             if callable(stop.previous_handler):
                 stop.previous_handler(signal.SIGUSR2, None)
-            time.sleep(600)  # the other ranks wait to be ended with the job
-            raise
+            # Only rank 0 gets here (the handler requeues and exits it). The others leave quietly, a moment
+            # later, so that the requeue is in before the job could look finished.
+            time.sleep(10)
+            os._exit(0)
 
 
 def _run_launcher(stage: str, argv: list):
-    import runpy
-    import sys
+    """The stage's launcher `main`, undecorated: a UserError travels to Submitit (and so to submit.py) whole."""
+    import importlib.util
 
     script = Path(__file__).resolve().parent.parent / "launchers" / LAUNCHERS[stage]
-    saved = sys.argv
-    sys.argv = [str(script), *argv]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as done:
-        if done.code not in (0, None):
-            raise RuntimeError(f"{LAUNCHERS[stage]} exited with {done.code}; see this job's stderr") from None
-    finally:
-        sys.argv = saved
+    spec = importlib.util.spec_from_file_location(f"disco_launcher_{stage}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main.__wrapped__(argv)
     return stage
 
 
@@ -113,9 +111,25 @@ def make_executor(folder: Path, local: bool, resources: Resources, name: str):
     return executor
 
 
+def check_slurm() -> None:
+    """One line instead of sbatch's traceback when no controller answers."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        raise UserError("SLURM's commands are not installed here; use --local, or run on a cluster's login node")
+    result = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"no SLURM controller answers ({last}); on this machine: slurm/local-cluster.sh start and "
+                        "export the SLURM_CONF it prints, or use --local")
+
+
 def submit(stages: list, log_folder: Path, local: bool, log=print) -> list:
     """Submit the stages in order. On SLURM each waits for the one before (afterok); locally they run one
     after another (Submitit's LocalExecutor has no dependencies), each finished before the next starts."""
+    if not local:
+        check_slurm()
     previous = None
     for stage in stages:
         executor = make_executor(log_folder, local, stage.resources, stage.name)
@@ -133,18 +147,20 @@ def submit(stages: list, log_folder: Path, local: bool, log=print) -> list:
 def wait_for(stage: Stage, log=print) -> None:
     """Block until the stage's job ends; a failed stage raises UserError with its error."""
     try:
-        stage.job.result()
+        stage.job.results()  # one result per task
     except Exception as err:  # submitit re-raises the job's failure here
         tail = _stderr_tail(stage.job)
         raise UserError(f"stage {stage.name} (job {stage.job.job_id}) failed: {_first_line(err)}"
                         + (f"\n--- its stderr ends with ---\n{tail}" if tail else "")) from None
-    log(f"{stage.name:<9} job {stage.job.job_id}: {stage.job.state}")
+    log(f"{stage.name:<9} job {stage.job.job_id}: finished")
 
 
 def _first_line(err: Exception) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:") or "Error" in line]
-    return (errors or lines or [type(err).__name__])[-1].strip()
+    """The job's own error message out of the traceback text Submitit hands back."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
+    line = (errors or lines or [type(err).__name__])[-1]
+    return line.split("UserError: ", 1)[-1]
 
 
 def _stderr_tail(job, lines: int = 15) -> str:
@@ -152,5 +168,6 @@ def _stderr_tail(job, lines: int = 15) -> str:
         text = job.stderr() or ""
     except Exception:  # the log may not exist (job never started)
         return ""
-    kept = [line for line in text.splitlines() if "[WARNING]" not in line and "Warning" not in line]
+    noise = ("[WARNING]", "Warning", "warnings.warn", "return func(", "Loading weights", "Writing model")
+    kept = [line for line in text.splitlines() if line.strip() and not any(n in line for n in noise)]
     return "\n".join(kept[-lines:])

@@ -181,6 +181,10 @@ case "${1:-}" in
     start_munge
     start_mariadb
     start_slurm
+    # plain `sbatch` finds this cluster without SLURM_CONF when no other cluster is configured here
+    if [ -w /etc/slurm ] && { [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; }; then
+      ln -sfn "$SLURM_CONF" /etc/slurm/slurm.conf
+    fi
     echo "local SLURM cluster '$CLUSTER' is up on $(hostname) ($(nproc) CPUs); state and logs in $HOME_DIR"
     echo "export SLURM_CONF=$SLURM_CONF"
     ;;

@@ -134,7 +134,36 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_pa
     assert "on a pre-emption signal" in output and "rerun with --resume auto" in output, output[-3000:]
     stopped_at = int(output.split("stopped at step ")[1].split()[0])
     assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").exists()
-    resumed = subprocess.run([str(a) for a in args] + ["--max-steps", stopped_at + 5], capture_output=True, text=True,
+    resumed = subprocess.run([str(a) for a in args] + ["--max-steps", str(stopped_at + 5)], capture_output=True, text=True,
                              env=env, cwd=REPO, timeout=300)
     assert f"at step {stopped_at}" in resumed.stdout and f"finished: {stopped_at + 5} steps" in resumed.stdout, \
         resumed.stdout[-3000:] + resumed.stderr[-2000:]
+
+
+def test_submitit_training_stage_requeues_and_resumes(tiny, tmp_path):
+    """Submitit's path: SIGUSR2 to the job's tasks -> checkpoint at a step boundary -> Submitit requeues the
+    job (LocalExecutor: restarts its tasks) -> the job resumes from that checkpoint and finishes."""
+    from disco_dist.pipeline import Resources, Stage, submit as submit_stages
+
+    root, student, teacher, _ = tiny
+    run_dir = tmp_path / "run"
+    argv = ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--run-dir", run_dir,
+            "--batch-size", 4, "--epochs", 50, "--max-steps", 300, "--queue-size", 32, "--log-every", 5,
+            "--checkpoint-every", 0, "--head-init", "random", "--resume", "auto"]
+    (stage,) = submit_stages([Stage("distill", argv, Resources(1, 2, 1, 0, 10))], tmp_path / "logs" / "%j", local=True,
+                             log=lambda *_: None)
+    deadline = time.time() + 300
+    while "step 10/" not in (stage.job.stdout() or ""):
+        assert time.time() < deadline and stage.job.state not in ("FINISHED", "INTERRUPTED"), stage.job.stderr()
+        time.sleep(0.5)
+    tasks = subprocess.run(["pgrep", "-f", f"submitit.core._submit.*{tmp_path / 'logs'}"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(tasks) == 2
+    for pid in tasks:
+        os.kill(int(pid), signal.SIGUSR2)
+    results = stage.job.results()
+    assert results[0] == str(run_dir / "final")
+    log = stage.job.stdout()
+    stopped_at = int(log.split("stopped at step ")[1].split()[0])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:08d}'} at step {stopped_at}" in log
+    assert "finished: 300 steps" in log
