@@ -48,6 +48,8 @@ def _common(parser: Parser, stage: str) -> None:
                    help="steps between STS-B dev evaluations on rank 0 (0: none)")
     g.add_argument("--select", choices=("last", "best"), default="last" if stage == "distill" else "best",
                    help="final model: the last step's, or the best by STS-B dev Spearman")
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="NaN/inf losses are skipped and counted; after this many in a row the run stops")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on rank 0")
 
 

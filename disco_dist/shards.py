@@ -65,15 +65,6 @@ def read_index(folder) -> ShardIndex:
     return ShardIndex(folder, shards, total, raw.get("teacher"), meta)
 
 
-def check_index_fresh(index: ShardIndex) -> None:
-    """Refuse shards whose files changed after the index was written (a stale index)."""
-    for shard in index.shards:
-        file = index.folder / shard["name"]
-        if "sha256" in shard and sha256_of(file) != shard["sha256"]:
-            raise UserError(f"{file} does not match its sha256 in {index.folder / INDEX} (stale index or a modified "
-                            "shard); re-make the shard folder")
-
-
 class ShardFile:
     """One tar shard written under a temporary name and renamed into place when closed."""
 

@@ -6,14 +6,12 @@ evaluate -> checkpoint, and finally save the student. A stage supplies the parts
 `Distill` (stage 1: KD/CKD against a frozen ZeRO-3 teacher) and `Finetune` (stage 2: supervised
 contrastive on NLI triplets).
 """
-import json
 import math
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +93,12 @@ def train(args, stage_class) -> Path:
     stopwatch = Stopwatch()
     stopwatch.wrap(engine, "allreduce_gradients", "comm")  # the data-parallel gradient all-reduce
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_dev": None, "total_steps": total_steps}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_dev": None, "total_steps": total_steps, "skipped": 0,
+             "bad_in_a_row": 0}
     checkpoint = resolve_resume(args.resume, run_dir)
     if checkpoint is not None:
         saved, extra = load_checkpoint(engine, checkpoint)
-        state.update({k: saved[k] for k in ("step", "epoch", "batch", "best_dev")})
+        state.update({k: saved.get(k, state[k]) for k in ("step", "epoch", "batch", "best_dev", "skipped", "bad_in_a_row")})
         stage.load_extra(extra)
         if env.is_main:
             print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})",
@@ -123,6 +122,21 @@ def train(args, stage_class) -> Path:
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
         for batch in stage.batches(state["epoch"], state["batch"]):
             loss, terms = stage.loss(engine, batch, stopwatch)
+            if injected_nan(state["batch"]):
+                loss = loss * float("nan")
+            if not finite_on_every_rank(loss):
+                # skip the update on every rank (no backward, no step); the batch is spent, the step is not
+                state["batch"] += 1
+                state["skipped"] += 1
+                state["bad_in_a_row"] += 1
+                metrics.scalar("train/skipped_nonfinite_steps", state["skipped"], state["step"])
+                if state["bad_in_a_row"] >= args.max_bad_steps:
+                    saved = checkpoint_now()  # the last good state: nothing was applied since
+                    raise UserError(f"the loss was NaN or inf {state['bad_in_a_row']} times in a row at step "
+                                    f"{state['step']}; stopped, the last good state is checkpoint {saved} "
+                                    "(lower --lr or check the data)")
+                continue
+            state["bad_in_a_row"] = 0
             engine.backward(loss)
             engine.step()
             stage.after_step(batch)
@@ -150,7 +164,8 @@ def train(args, stage_class) -> Path:
     if env.is_main:
         write_json_atomic(run_dir / "train_summary.json", {
             "steps": state["step"], "epochs_started": state["epoch"] + 1, "best_dev": state["best_dev"],
-            "final_model": str(final), "world_size": env.world_size, **stage.gauges(),
+            "final_model": str(final), "world_size": env.world_size, "skipped_nonfinite_steps": state["skipped"],
+            **stage.gauges(),
             "seconds": round(metrics.elapsed(), 1)})
         print(f"finished: {state['step']} steps; final model {final}", flush=True)
     metrics.close()
@@ -188,6 +203,21 @@ def evaluate_and_select(stage, args, env, state, metrics, run_dir):
             metrics.scalar("eval/best_stsb_dev_spearman", score, state["step"])
     state["best_dev"] = distributed.broadcast_object(state["best_dev"])
     distributed.barrier()
+
+
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """One small all-reduce: every rank skips (or takes) the same step."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def injected_nan(batch: int) -> bool:
+    """Fault injection for tests: DISCO_INJECT_NAN_AT_BATCHES=3,4 makes the loss of those batches (numbered
+    within the epoch) NaN."""
+    batches = os.environ.get("DISCO_INJECT_NAN_AT_BATCHES")
+    return bool(batches) and str(batch) in batches.split(",")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:

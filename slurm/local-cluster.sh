@@ -28,7 +28,7 @@ alive() {  # alive NAME: the daemon whose pid file we wrote is running
   [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND... (an external command: it runs under `timeout`)
   local seconds=$1 what=$2; shift 2
   local deadline=$((SECONDS + seconds))
   while [ $SECONDS -lt $deadline ]; do timeout 5 "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
@@ -131,7 +131,7 @@ start_mariadb() {
     nohup mariadbd --user=root --datadir="$DB" --socket="$RUN/mysql.sock" --port="$DB_PORT" \
       --bind-address=127.0.0.1 --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadb.log" \
       --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
-    wait_for 60 MariaDB db -e "SELECT 1"
+    wait_for 60 MariaDB mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot -e "SELECT 1"
   fi
   db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
          CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';

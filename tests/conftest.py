@@ -48,6 +48,19 @@ def build_tiny_model(folder: Path, hidden=32, layers=4, seed=0, max_length=64):
     return folder
 
 
+def build_tiny_run_inputs(root: Path, sentences: list, shard_size: int, student_layers: int = 2):
+    """What a distillation run needs, tiny: a student (32 wide), a teacher (48 wide, so a projection is needed),
+    a corpus file and its shards. Returns (root, student, teacher, corpus); shards are in root/"shards"."""
+    from disco_dist.shards import make_shards
+
+    student = build_tiny_model(root / "student", hidden=32, layers=student_layers, seed=0)
+    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sentences) + "\n")
+    make_shards(corpus, root / "shards", shard_size=shard_size, log=lambda *_: None)
+    return root, student, teacher, corpus
+
+
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_student"), hidden=32, layers=4, seed=0)

@@ -5,19 +5,13 @@ import sys
 
 import pytest
 
-from disco_dist.shards import make_shards
-
-from conftest import REPO, build_tiny_model
+from conftest import REPO, build_tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    student = build_tiny_model(root / "student", hidden=32, layers=2, seed=0)
-    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"sentence {i}" for i in range(100)) + "\n")
-    make_shards(corpus, root / "shards", shard_size=50, log=lambda *_: None)
+    root, student, teacher, _ = build_tiny_run_inputs(tmp_path_factory.mktemp("cli"),
+                                                      [f"sentence {i}" for i in range(100)], shard_size=50)
     return root, student, teacher
 
 

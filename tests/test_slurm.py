@@ -10,9 +10,7 @@ import time
 
 import pytest
 
-from disco_dist.shards import make_shards
-
-from conftest import REPO, build_tiny_model
+from conftest import REPO, build_tiny_run_inputs
 from test_train import DEEPSPEED, scalars
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -30,13 +28,8 @@ def slurm_env():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm")
-    student = build_tiny_model(root / "student", hidden=32, layers=2, seed=0)
-    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"the {i} dog plays in the park with {i % 7} children" for i in range(400)) + "\n")
-    make_shards(corpus, root / "shards", shard_size=50, log=lambda *_: None)
-    return root, student, teacher, corpus
+    sentences = [f"the {i} dog plays in the park with {i % 7} children" for i in range(400)]
+    return build_tiny_run_inputs(tmp_path_factory.mktemp("slurm"), sentences, shard_size=50)
 
 
 def sacct_state(job_id, env):

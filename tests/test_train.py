@@ -2,7 +2,6 @@
 written, a resumed run follows the uninterrupted one exactly, TensorBoard holds the scalars."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from disco_dist.encoder import Encoder
-from disco_dist.shards import make_shards
 
-from conftest import REPO, build_tiny_model
+from conftest import REPO, build_tiny_run_inputs
 from dist_utils import free_port
 
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -34,16 +32,12 @@ def scalars(run_dir):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    student = build_tiny_model(root / "student", hidden=32, layers=4, seed=0)
-    teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
-    corpus = root / "corpus.txt"
     from disco_dist.data import read_sts_task
 
     pairs = read_sts_task("STSBenchmark", split="train")  # real sentences the tiny tokenizer can mostly cover
     unique = list(dict.fromkeys(s.strip() for s in pairs.sentences1 + pairs.sentences2))
-    corpus.write_text("\n".join(unique[:1200]) + "\n")  # 12 full shards of 100
-    make_shards(corpus, root / "shards", shard_size=100, log=lambda *_: None)
+    root, student, teacher, _ = build_tiny_run_inputs(tmp_path_factory.mktemp("train"), unique[:1200],
+                                                      shard_size=100, student_layers=4)  # 12 full shards of 100
     return root, student, teacher
 
 
@@ -129,3 +123,26 @@ def test_finetune_two_ranks_keeps_best_and_resumes_exactly(setup, tmp_path):
     again = scalars(resumed)
     for step in (15, 20):
         assert again["loss/sup_contrastive"][step] == pytest.approx(logged["loss/sup_contrastive"][step], rel=1e-5)
+
+
+def test_nonfinite_losses_are_skipped_then_the_run_stops_with_a_checkpoint(setup, tmp_path):
+    root, student, teacher = setup
+    run = tmp_path / "nan"
+    base = ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--batch-size", 16,
+            "--max-steps", 12, "--log-every", 4, "--checkpoint-every", 0, "--queue-size", 64, "--head-init", "random",
+            "--max-bad-steps", 3]
+    os.environ["DISCO_INJECT_NAN_AT_BATCHES"] = "2,3"  # two bad batches in a row: skipped, the run goes on
+    try:
+        result = launch("distill.py", base + ["--run-dir", run])
+        assert result.returncode == 0 and "finished: 12 steps" in result.stdout, result.stderr[-3000:]
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["skipped_nonfinite_steps"] == 2
+        assert all(v == v for v in scalars(run)["loss/total"].values())  # no NaN reached the logged losses
+
+        os.environ["DISCO_INJECT_NAN_AT_BATCHES"] = "5,6,7"  # 3 in a row after 5 good steps -> stop
+        stopped = tmp_path / "stopped"
+        result = launch("distill.py", base + ["--run-dir", stopped])
+        assert result.returncode == 2 and "NaN or inf 3 times in a row at step 5" in result.stderr, result.stderr[-3000:]
+        assert (stopped / "checkpoints" / "step-00000005" / "COMPLETE").exists()
+    finally:
+        del os.environ["DISCO_INJECT_NAN_AT_BATCHES"]
