@@ -71,6 +71,7 @@ class Student(nn.Module):
 
 
 def train(args, stage_class) -> Path:
+    check_writable(Path(args.run_dir))
     env = distributed.init_distributed(args.local_rank)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -203,6 +204,18 @@ def evaluate_and_select(stage, args, env, state, metrics, run_dir):
             metrics.scalar("eval/best_stsb_dev_spearman", score, state["step"])
     state["best_dev"] = distributed.broadcast_object(state["best_dev"])
     distributed.barrier()
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail at the start, in one line, if the run folder cannot take files (not a folder, read-only, full)."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run folder {run_dir} is not writable ({err.strerror}); choose another --run-dir "
+                        "or free space there") from None
 
 
 def finite_on_every_rank(loss: torch.Tensor) -> bool:

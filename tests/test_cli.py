@@ -67,3 +67,11 @@ def test_config_file_keys_and_precedence(tmp_path):
     config.write_text(json.dumps({"batch_size": 8, "lr": 0.001, "shards": "somewhere"}))
     args = parse(distill_parser(), ["--config", str(config), "--lr", "0.002"])
     assert (args.batch_size, args.lr, str(args.shards)) == (8, 0.002, "somewhere")
+
+
+def test_unwritable_run_folder(tiny, tmp_path):
+    root, student, teacher = tiny
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_one_line(run("distill.py", "--shards", root / "shards", "--student", student, "--teacher", teacher,
+                        "--run-dir", blocker / "run"), "is not writable", "a-file")

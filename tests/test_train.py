@@ -79,6 +79,11 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, tmp_path):
     for a, b in zip(Encoder.from_pretrained(full / "final").parameters(), Encoder.from_pretrained(resumed / "final").parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    # a different world size would see other data and other optimizer partitions: refused, in one line
+    result = launch("distill.py", distill_args(root, student, teacher, tmp_path / "one-rank", "--resume",
+                                               full / "checkpoints" / "step-00000020"), ranks=1)
+    assert result.returncode == 2 and "written by 2 ranks, this run has 1" in result.stderr, result.stderr[-2000:]
+
 
 def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
     root, student, teacher = setup
