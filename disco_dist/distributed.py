@@ -92,6 +92,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int = 0) -> None:
+    """End a rank whose work is done and written: leave the process group, flush, and exit without the
+    interpreter's teardown, where a C++ thread left behind by the communication stack occasionally aborts
+    the process ("terminate called without an active exception") after a run that succeeded."""
+    import sys
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

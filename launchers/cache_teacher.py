@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from disco_dist import distributed  # noqa: E402
+from disco_dist.distributed import exit_process  # noqa: E402
 from disco_dist.config import DS_CONFIGS, Parser  # noqa: E402
 from disco_dist.errors import exit_on_user_error  # noqa: E402
 from disco_dist.shards import read_index  # noqa: E402
@@ -27,14 +28,12 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    source = read_index(args.shards)  # a bad folder fails here, before any rank loads the teacher
+    read_index(args.shards)  # a bad folder fails here, before any rank loads the teacher
     env = distributed.init_distributed(args.local_rank)
-    if len(source.shards) < env.world_size:
-        distributed.barrier()
     teacher = ZeroTeacher(args.teacher, args.teacher_ds_config, env.device, args.teacher_batch_size, args.max_length)
     cache_teacher_embeddings(teacher, args.shards, args.out, env, overwrite=args.overwrite)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # done and on disk: skip the interpreter teardown (see disco_dist.distributed.exit_process)

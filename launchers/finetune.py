@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from disco_dist.distributed import exit_process  # noqa: E402
 from disco_dist.config import finetune_parser, parse  # noqa: E402
 from disco_dist.errors import exit_on_user_error  # noqa: E402
 from disco_dist.train import Finetune, run_stage  # noqa: E402
@@ -21,3 +22,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # done and on disk: skip the interpreter teardown (see disco_dist.distributed.exit_process)

@@ -61,6 +61,16 @@ def test_sbatch_ckd_two_tasks_completes(slurm_env, tiny, tmp_path):
     assert set(scalars(run_dir / "ckd")["loss/ckd"]) == {4, 8}
     assert (run_dir / f"slurm-{job_id}.log").exists()  # the job's log is in the run folder too
 
+    # the sibling script for stage 2, through the same helper, on the student just made
+    env.update(STUDENT=str(run_dir / "ckd" / "final"), RUN_DIR=str(run_dir / "finetune"))
+    result = subprocess.run(["sbatch", "--parsable", "--wait", "--output", str(tmp_path / "ft.log"),
+                             str(REPO / "slurm" / "finetune.sbatch"), "--max-steps", "4", "--batch-size", "4",
+                             "--max-triplets", "64", "--eval-every", "2", "--log-every", "2"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, (tmp_path / "ft.log").read_text()[-3000:] + result.stderr
+    assert sacct_state(result.stdout.strip().split(";")[0], slurm_env) == "COMPLETED"
+    assert (run_dir / "finetune" / "final" / "model.safetensors").exists()
+
 
 def submit(args, env, timeout=900):
     return subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *map(str, args)], capture_output=True,
