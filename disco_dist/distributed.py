@@ -77,8 +77,12 @@ def import_deepspeed():
     On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (45-80 s) that
     neither ZeRO nor our gathers use (gloo serves every collective), so it is not built there."""
     import importlib
+    import warnings
 
     import deepspeed
+
+    # DeepSpeed's ZeRO-3 calls a torch collective that torch now flags on every gather; not ours to fix
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
     if not torch.cuda.is_available():
         # by module path: the attribute deepspeed.comm.torch is shadowed by the torch package itself

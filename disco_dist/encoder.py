@@ -104,7 +104,9 @@ class Encoder(nn.Module):
                         model_loader=None):
         """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it)."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # one bar per rank per load is noise in a training log
         path = resolve_model_path(str(name_or_path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
