@@ -79,7 +79,7 @@ def distill_parser() -> Parser:
     g.add_argument("--head", choices=("linear", "none"), default="linear",
                    help="projection of the student embedding to the teacher's width (none: widths must match)")
     g.add_argument("--head-init", choices=("lstsq", "random"), default="lstsq",
-                   help="lstsq: least-squares fit of student to teacher embeddings on --head-init-samples sentences")
+                   help="lstsq: ridge least-squares fit of student to teacher embeddings on --head-init-samples sentences")
     g.add_argument("--head-init-samples", type=int, default=2000)
     g.add_argument("--lr", type=float, default=2e-4)
     return parser

@@ -218,6 +218,22 @@ def check_writable(run_dir: Path) -> None:
                         "or free space there") from None
 
 
+def head_init_ridge(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, strength: float = 1e-3) -> None:
+    """Set the projection head to the ridge-regularised least-squares map from student to teacher embeddings,
+    so the head starts where it does not disturb the pretrained student. Pooled features are close to rank
+    deficient (a plain lstsq there returns huge, unstable weights that blow training up), hence the ridge:
+    `strength` times the mean feature variance on the diagonal."""
+    x, y = features.double(), targets.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    ridge = strength * gram.diagonal().mean()
+    weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), xc.T @ yc)  # (in, out)
+    with torch.no_grad():
+        head.weight.copy_(weight.T.float())
+        head.bias.copy_((y_mean - x_mean @ weight).float())
+
+
 def finite_on_every_rank(loss: torch.Tensor) -> bool:
     """One small all-reduce: every rank skips (or takes) the same step."""
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
@@ -309,12 +325,7 @@ class Distill:
                                                 if k in ("input_ids", "attention_mask")}, normalize=False)
                                       for i in range(0, len(texts), 128)])
             encoder.train()
-            # least squares fit of [features, 1] -> teacher: the head starts where it does not disturb the student
-            design = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()
-            solution = torch.linalg.lstsq(design, targets.double()).solution
-            with torch.no_grad():
-                head.weight.copy_(solution[:-1].T.float())
-                head.bias.copy_(solution[-1].float())
+            head_init_ridge(head, features, targets)
         return head
 
     def _head_samples(self, index):

@@ -113,3 +113,23 @@ def test_queue_is_fifo_and_restorable():
     restored.load_state_dict(queue.state_dict())
     torch.testing.assert_close(restored.negatives(), queue.negatives())
     assert restored.pointer == queue.pointer
+
+
+def test_ridge_head_init_is_stable_on_rank_deficient_features():
+    """Pooled features are nearly rank deficient; the head must still come out small and close to the
+    least-squares fit, the same on every call."""
+    from disco_dist.train import head_init_ridge
+
+    torch.manual_seed(0)
+    base = torch.randn(500, 6)
+    features = torch.cat([base, base[:, :1] * 2.0], dim=1)  # a dependent column: rank 6 of 7
+    true_map = torch.randn(7, 4) * 0.1
+    targets = features @ true_map + 0.3
+    head = torch.nn.Linear(7, 4)
+    head_init_ridge(head, features, targets)
+    assert head.weight.abs().max() < 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(head(features), targets, rtol=1e-2, atol=1e-2)
+    again = torch.nn.Linear(7, 4)
+    head_init_ridge(again, features, targets)
+    torch.testing.assert_close(again.weight, head.weight, rtol=0, atol=0)
