@@ -40,12 +40,12 @@ class StageJob(submitit.helpers.Checkpointable):
         return _run_launcher(self.stage, self.argv)
 
     def _train(self):
-        from .config import distill_parser, finetune_parser, parse
-        from .train import Distill, Finetune, Preempted, train
+        from .config import parse
+        from .train import STAGES, Preempted, train
 
-        parser, stage_class = (distill_parser(), Distill) if self.stage == "distill" else (finetune_parser(), Finetune)
+        make_parser, stage_class = STAGES[self.stage]
         try:
-            return str(train(parse(parser, self.argv), stage_class))
+            return str(train(parse(make_parser(), self.argv), stage_class))
         except Preempted as stop:
             # every rank has written the checkpoint; now Submitit's own handler requeues (rank 0 exits in it)
             print(stop, flush=True)

@@ -20,9 +20,9 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .config import to_json
+from .config import distill_parser, finetune_parser, parse, to_json
 from .encoder import Encoder
-from .errors import UserError
+from .errors import UserError, exit_on_user_error
 from .evaluate import stsb_dev_spearman, write_json_atomic
 from .loader import ShardBatches, TripletBatches
 from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
@@ -457,3 +457,14 @@ class Finetune:
 
     def load_extra(self, extra: dict) -> None:
         pass
+
+
+STAGES = {"distill": (distill_parser, Distill), "finetune": (finetune_parser, Finetune)}
+
+
+@exit_on_user_error
+def launch(stage: str, argv=None) -> None:
+    """The whole body of a training launcher: flags -> train (requeued on pre-emption) -> exit once on disk."""
+    make_parser, stage_class = STAGES[stage]
+    run_stage(parse(make_parser(), argv), stage_class)
+    distributed.exit_process(0)  # skip the interpreter teardown (see distributed.exit_process)

@@ -9,17 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from disco_dist.distributed import exit_process  # noqa: E402
-from disco_dist.config import distill_parser, parse  # noqa: E402
-from disco_dist.errors import exit_on_user_error  # noqa: E402
-from disco_dist.train import Distill, run_stage  # noqa: E402
-
-
-@exit_on_user_error
-def main(argv=None):
-    run_stage(parse(distill_parser(), argv), Distill)
-
+from disco_dist.train import launch  # noqa: E402
 
 if __name__ == "__main__":
-    main()
-    exit_process(0)  # done and on disk: skip the interpreter teardown (see disco_dist.distributed.exit_process)
+    launch("distill")
