@@ -151,3 +151,19 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops_with_a_checkpoint(setup
         assert (stopped / "checkpoints" / "step-00000005" / "COMPLETE").exists()
     finally:
         del os.environ["DISCO_INJECT_NAN_AT_BATCHES"]
+
+
+def test_zero2_student_engine_resumes_exactly(setup, tmp_path):
+    """The shipped ZeRO-2 config (optimizer states partitioned over the ranks) trains and resumes exactly too."""
+    root, student, teacher = setup
+    zero2 = ["--ds-config", REPO / "ds_configs" / "student_zero2.json", "--max-steps", 20]
+    full = tmp_path / "full"
+    result = launch("distill.py", distill_args(root, student, teacher, full, *zero2))
+    assert result.returncode == 0 and "finished: 20 steps" in result.stdout, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    result = launch("distill.py", distill_args(root, student, teacher, resumed, *zero2, "--resume",
+                                               full / "checkpoints" / "step-00000010"))
+    assert result.returncode == 0 and "at step 10" in result.stdout, result.stderr[-3000:]
+    logged, again = scalars(full), scalars(resumed)
+    for step in (15, 20):
+        assert again["loss/ckd"][step] == pytest.approx(logged["loss/ckd"][step], rel=1e-5, abs=1e-6)
