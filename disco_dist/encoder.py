@@ -146,10 +146,9 @@ class Encoder(nn.Module):
         return F.normalize(embeddings, dim=-1) if (self.normalize if normalize is None else normalize) else embeddings
 
     @torch.inference_mode()
-    def encode(self, sentences, batch_size=64, progress=False, device=None) -> torch.Tensor:
-        """Embeddings of `sentences` in their order, as float32 on the CPU.
-
-        Batches are formed from length-sorted sentences so that little compute goes to padding."""
+    def encode(self, sentences, batch_size=64, progress=False, device=None, normalize=None) -> torch.Tensor:
+        """Embeddings of `sentences` in their order, as float32 on the CPU; in eval mode (no dropout), which
+        is restored afterwards. Batches are formed from length-sorted sentences so little compute is padding."""
         device = device or next(self.model.parameters()).device
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
         out = torch.empty(len(sentences), self.dim)
@@ -158,10 +157,15 @@ class Encoder(nn.Module):
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="encoding", unit="batch", leave=False)
-        for start in batches:
-            index = order[start:start + batch_size]
-            batch = self.tokenize([sentences[i] for i in index]).to(device)
-            out[index] = self(batch["input_ids"], batch["attention_mask"]).float().cpu()
+        was_training = self.training
+        self.eval()
+        try:
+            for start in batches:
+                index = order[start:start + batch_size]
+                batch = self.tokenize([sentences[i] for i in index]).to(device)
+                out[index] = self(batch["input_ids"], batch["attention_mask"], normalize=normalize).float().cpu()
+        finally:
+            self.train(was_training)
         return out
 
     def save(self, folder) -> Path:

@@ -40,27 +40,17 @@ def spearman_x100(encoder, pairs, batch_size=64, progress=False) -> float:
 
 def evaluate_sts(encoder, data_root=None, tasks=tuple(TASKS), batch_size=64, progress=False) -> dict:
     """{task: Spearman x 100, ..., "avg": mean of the tasks} for the encoder (in eval mode, no gradients)."""
-    was_training = encoder.training
-    encoder.eval()
     scores = {}
-    try:
-        for name in tasks:
-            task, split = TASKS[name]
-            scores[name] = spearman_x100(encoder, read_sts_task(task, data_root, split), batch_size, progress)
-    finally:
-        encoder.train(was_training)
+    for name in tasks:
+        task, split = TASKS[name]
+        scores[name] = spearman_x100(encoder, read_sts_task(task, data_root, split), batch_size, progress)
     scores["avg"] = sum(scores[t] for t in tasks) / len(tasks)
     return scores
 
 
 def stsb_dev_spearman(encoder, data_root=None, batch_size=64) -> float:
     """STS-B dev Spearman x 100: the only score used for model selection (test sets never choose anything)."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        return spearman_x100(encoder, read_sts_task("STSBenchmark", data_root, "dev"), batch_size)
-    finally:
-        encoder.train(was_training)
+    return spearman_x100(encoder, read_sts_task("STSBenchmark", data_root, "dev"), batch_size)
 
 
 def format_table(rows: dict) -> str:

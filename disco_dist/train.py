@@ -319,13 +319,7 @@ class Distill:
         head = nn.Linear(encoder.dim, teacher_dim)
         if args.head_init == "lstsq":
             texts, targets = self._head_samples(index)
-            encoder.eval()
-            with torch.no_grad():
-                features = torch.cat([encoder(**{k: v for k, v in encoder.tokenize(texts[i:i + 128]).items()
-                                                if k in ("input_ids", "attention_mask")}, normalize=False)
-                                      for i in range(0, len(texts), 128)])
-            encoder.train()
-            head_init_ridge(head, features, targets)
+            head_init_ridge(head, encoder.encode(texts, batch_size=128, normalize=False), targets)
         return head
 
     def _head_samples(self, index):

@@ -21,7 +21,6 @@ def main(argv=None):
     parser.add_argument("model", help="local folder, fetched model name, or hub id")
     parser.add_argument("--data-root", help="data folder (default: $DISCO_DATA_ROOT or ../shared/data)")
     parser.add_argument("--pooling", choices=POOLINGS, help="override the pooling the model folder records")
-    parser.add_argument("--no-normalize", action="store_true", help="(cosine is scale-free; kept for symmetry)")
     parser.add_argument("--max-length", type=int, help="max tokens per sentence (default: the model's)")
     parser.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these layers (0-based)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -32,7 +31,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     encoder = Encoder.from_pretrained(args.model, pooling=args.pooling, max_length=args.max_length,
-                                      normalize=False if args.no_normalize else None, keep=args.keep_layers)
+                                      keep=args.keep_layers)
     encoder.to(args.device)
     start = time.time()
     scores = evaluate_sts(encoder, args.data_root, args.tasks, args.batch_size, progress=sys.stderr.isatty())
