@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .errors import UserError
+from .errors import RankError, UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 ENGINE_TAG = "engine"
@@ -58,16 +58,28 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     partial = root / f".step-{step:08d}.partial"
+    problem = None
     if distributed.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while writing
-        partial.mkdir()
-    distributed.barrier()
-    engine.save_checkpoint(str(partial / "engine"), tag=ENGINE_TAG, save_latest=False)
-    torch.save(rng_state(), partial / f"rng-rank{distributed.rank()}.pt")
-    if distributed.rank() == 0:
-        torch.save(extra, partial / "extra.pt")
-        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        for stale in root.glob(".step-*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run that died while writing
+        problem = _space_problem(engine, run_dir, final)
+        if problem is None:
+            partial.mkdir()
+    problem = distributed.broadcast_object(problem)  # every rank stops, before anyone writes a byte
+    if problem:
+        raise UserError(problem)
+    try:
+        engine.save_checkpoint(str(partial / "engine"), tag=ENGINE_TAG, save_latest=False)
+        torch.save(rng_state(), partial / f"rng-rank{distributed.rank()}.pt")
+        if distributed.rank() == 0:
+            torch.save(extra, partial / "extra.pt")
+            (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        # this rank stops here; the launcher (deepspeed, or srun --kill-on-bad-exit) ends the others
+        raise RankError(f"could not write checkpoint {final.name} ({err}); the unfinished folder {partial.name} is "
+                        f"never resumed from, {latest_checkpoint(run_dir) or 'no earlier checkpoint'} is intact; "
+                        "free space and rerun with --resume auto") from None
     distributed.barrier()  # every rank's files are on disk
     if distributed.rank() == 0:
         (partial / "COMPLETE").write_text(json.dumps({"step": step, "world_size": distributed.world_size()}) + "\n")
@@ -78,6 +90,28 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _space_problem(engine, run_dir, final: Path) -> str | None:
+    """Refuse a checkpoint that cannot fit: its size is the newest complete one's, or for the first about
+    3 copies of the parameters (weights and Adam's two moments) plus 10%."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        needed = folder_bytes(newest)
+    else:
+        needed = 3 * sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    needed = int(needed * 1.1)
+    free = shutil.disk_usage(checkpoint_root(run_dir)).free
+    if needed <= free:
+        return None
+    kept = f"the last complete checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
+    return (f"not enough space for checkpoint {final.name} in {checkpoint_root(run_dir)}: it needs about "
+            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}. Free space (or lower "
+            "--keep-checkpoints) and rerun with --resume auto")
 
 
 def resolve_resume(resume: str | None, run_dir) -> Path | None:

@@ -51,6 +51,8 @@ def _common(parser: Parser, stage: str) -> None:
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="NaN/inf losses are skipped and counted; after this many in a row the run stops")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on rank 0")
+    g.add_argument("--sample-log", action="store_true",
+                   help="log the keys of every consumed batch per rank under <run-dir>/samples/ (an audit of the data order)")
 
 
 def distill_parser() -> Parser:
@@ -69,6 +71,9 @@ def distill_parser() -> Parser:
                    help="shard folder (with teacher embeddings: cached mode)")
     g.add_argument("--teacher-mode", choices=("auto", "online", "cached"), default="auto",
                    help="auto: cached when the shards hold teacher embeddings, else online")
+    g.add_argument("--bad-shards", choices=("stop", "skip"), default="stop",
+                   help="a shard that does not match its index entry (truncated, corrupt, changed): stop the run "
+                   "before training, or leave it out on every rank with a warning")
     g.add_argument("--shuffle-buffer", type=int, default=10_000)
     g.add_argument("--length-bucket", type=int, default=16, help="batches grouped by length (1: off)")
     g.add_argument("--loss", choices=("ckd", "mse"), default="ckd")
@@ -139,8 +144,11 @@ def check_common(args) -> None:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.select == "best" and args.eval_every <= 0:
         raise UserError("--select best needs --eval-every > 0 (the best is chosen by STS-B dev Spearman)")
-    if not Path(args.ds_config).is_file():
-        raise UserError(f"--ds-config {args.ds_config} does not exist; see ds_configs/")
+    from .teacher import load_ds_config
+
+    for flag in ("ds_config", "teacher_ds_config"):
+        if getattr(args, flag, None) is not None:
+            load_ds_config(getattr(args, flag))  # missing, not JSON, unknown keys: one line, before any work
     if args.resume not in (None, "", "auto") and not Path(args.resume).is_dir():
         raise UserError(f"--resume {args.resume}: no such checkpoint folder (or use --resume auto)")
 

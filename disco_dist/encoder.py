@@ -35,7 +35,35 @@ def resolve_model_path(name_or_path: str) -> str:
     if looks_like_path:
         raise UserError(f"model folder {name_or_path} does not exist; fetch the real models with "
                         "`python launchers/fetch_models.py` or pass an existing folder")
+    if not _in_hub_cache(name_or_path) and not _hub_reachable():
+        raise UserError(f"model {name_or_path} is not a local folder, a fetched model or in the Hugging Face cache, "
+                        "and the hub cannot be reached (offline); fetch it with `python launchers/fetch_models.py` "
+                        "or pass a local folder")
     return name_or_path
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One short connection attempt, instead of transformers' minute of retries that ends in a traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_json(path: Path):

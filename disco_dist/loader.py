@@ -50,14 +50,15 @@ class ShardBatches:
         return min(sum(counts[i] for i in self.shards_of(epoch, r)) for r in range(self.world_size)) // self.batch_size
 
     def raw_batches(self, epoch: int):
-        """This rank's epoch as lists of (text, teacher) samples, before tokenisation (cheap)."""
+        """This rank's epoch as lists of (key, text, teacher) samples, before tokenisation (cheap)."""
         paths = [self.index.paths()[i] for i in self.shards_of(epoch, self.rank)]
         rng = _rng("samples", self.seed, epoch, self.rank)
         group = self.batch_size * self.length_bucket
         produced, limit = 0, self.batches_per_epoch(epoch)
-        for chunk in _chunks(_shuffled(iter_shard_samples(paths, self.handler), self.shuffle_buffer, rng), group):
+        samples = iter_shard_samples(paths, self.handler, with_keys=True)
+        for chunk in _chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
             if self.length_bucket > 1:
-                chunk.sort(key=lambda sample: len(sample[0]))
+                chunk.sort(key=lambda sample: len(sample[1]))
             batches = [chunk[i:i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
             rng.shuffle(batches)
             for batch in batches:
@@ -83,9 +84,9 @@ class _CollatedBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for number, batch in enumerate(self.loader.raw_batches(self.epoch)):
             if number >= self.start and (number - self.start) % workers == worker:
-                texts = [text for text, _ in batch]
-                teacher = None if batch[0][1] is None else torch.from_numpy(np.stack([t for _, t in batch]).astype(np.float32))
-                yield self.loader.collate(texts, teacher)
+                texts = [text for _, text, _ in batch]
+                teacher = None if batch[0][2] is None else torch.from_numpy(np.stack([t for *_, t in batch]).astype(np.float32))
+                yield {**self.loader.collate(texts, teacher), "keys": [key for key, _, _ in batch]}
 
 
 def _shuffled(samples, buffer_size: int, rng: random.Random):
@@ -135,5 +136,6 @@ class TripletBatches:
         for number in range(start, self.batches_per_epoch(epoch)):
             first = number * global_batch + self.rank * self.batch_size
             index = order[first:first + self.batch_size]
-            yield self.collate([self.anchors[i] for i in index], [self.positives[i] for i in index],
-                               [self.negatives[i] for i in index])
+            batch = self.collate([self.anchors[i] for i in index], [self.positives[i] for i in index],
+                                 [self.negatives[i] for i in index])
+            yield {**batch, "keys": [str(i) for i in index]}  # triplets are named by their row

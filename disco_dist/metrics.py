@@ -3,9 +3,11 @@
 Only rank 0 writes. `flush` is collective (every rank calls it at the same step): it averages the
 interval's loss terms and sums sentences and tokens over the ranks with one small all-reduce.
 """
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,7 +79,7 @@ class Metrics:
 
     def record(self, terms: dict, sentences: int, tokens: int, stopwatch) -> None:
         for name, value in terms.items():
-            self.terms[name] += float(value.detach())
+            self.terms[name] += value.detach()  # stays on the device: no host sync per step
         self.counts["sentences"] += sentences
         self.counts["tokens"] += tokens
         self.counts["steps"] += 1
@@ -89,7 +91,7 @@ class Metrics:
     def flush(self, step: int, gauges: dict) -> None:
         names = sorted(self.terms)
         steps = max(1, self.counts["steps"])
-        values = torch.tensor([self.terms[n] / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
+        values = torch.tensor([float(self.terms[n]) / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
                               dtype=torch.float64)
         if distributed.world_size() > 1:
             dist.all_reduce(values)
@@ -143,3 +145,43 @@ class Metrics:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class SampleLog:
+    """`--sample-log`: every batch this rank consumed, one line each, `epoch batch step status keys`
+    (status: trained, or skipped for a non-finite loss). On resume the lines from the checkpoint's position
+    on are dropped (a crashed run may have logged batches whose updates were lost), so a finished run's logs
+    hold each consumed batch exactly once: the audit that no sentence was skipped or seen twice."""
+
+    def __init__(self, path, epoch: int, batch: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                fields = line.split("\t")
+                if len(fields) == 5 and fields[0].isdigit() and fields[1].isdigit() and \
+                        (int(fields[0]), int(fields[1])) < (epoch, batch):
+                    kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+
+    def write(self, epoch: int, batch: int, step: int, status: str, keys) -> None:
+        self._file.write(f"{epoch}\t{batch}\t{step}\t{status}\t{','.join(keys)}\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_sample_logs(run_dir) -> list:
+    """(rank, epoch, batch, step, status, keys) of every line of a run's sample logs."""
+    rows = []
+    for path in sorted((Path(run_dir) / "samples").glob("rank-*.tsv")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            epoch, batch, step, status, keys = line.split("\t")
+            rows.append((rank, int(epoch), int(batch), int(step), status, keys.split(",")))
+    return rows

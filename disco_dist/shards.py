@@ -10,7 +10,7 @@ Everything is written to temporary names and renamed, the index last: a folder w
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ class ShardIndex:
     total: int
     teacher: dict | None
     meta: dict
+    skipped: list = field(default_factory=list)  # names of bad shards left out by `verified_index`
 
     def paths(self) -> list:
         return [str(self.folder / s["name"]) for s in self.shards]
@@ -38,6 +39,37 @@ class ShardIndex:
     @property
     def counts(self) -> list:
         return [s["samples"] for s in self.shards]
+
+    def without(self, numbers) -> "ShardIndex":
+        drop = set(numbers)
+        shards = [s for i, s in enumerate(self.shards) if i not in drop]
+        return ShardIndex(self.folder, shards, sum(s["samples"] for s in shards), self.teacher, self.meta)
+
+
+def verified_index(index: ShardIndex, rank: int, world_size: int, bad_shards: str = "stop", log=print) -> ShardIndex:
+    """Check every shard against its index entry (sha256), each rank hashing its share. A shard that was
+    truncated, corrupted or changed after indexing stops the run (`bad_shards="stop"`) or is left out on every
+    rank alike (`"skip"`, with a warning), so the ranks still agree on the batch count. Collective."""
+    from . import distributed
+
+    mine = range(rank, len(index.shards), world_size)
+    bad = [i for i in mine if sha256_of(index.folder / index.shards[i]["name"]) != index.shards[i]["sha256"]]
+    if world_size > 1:
+        bad = [i for per_rank in distributed.all_gather_objects(bad) for i in per_rank]
+    if not bad:
+        return index
+    bad.sort()
+    names = ", ".join(index.shards[i]["name"] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    what = f"{len(bad)} shard(s) of {index.folder} do not match {INDEX} ({names}): truncated, corrupt or changed after indexing"
+    if bad_shards != "skip":
+        raise UserError(f"{what}; re-make or restore them, or pass --bad-shards skip to train without them")
+    kept = index.without(bad)
+    if not kept.shards:
+        raise UserError(f"{what}, and no good shard is left; re-make the shard folder")
+    if rank == 0:
+        log(f"warning: {what}; skipping them ({index.total - kept.total} of {index.total} sentences)")
+    kept.skipped = [index.shards[i]["name"] for i in bad]
+    return kept
 
 
 def read_index(folder) -> ShardIndex:
@@ -93,13 +125,18 @@ class ShardFile:
         return {"name": self.path.name, "samples": self.samples, "sha256": sha256_of(self.path)}
 
 
-def prepare_output_folder(folder, overwrite: bool) -> Path:
+def prepare_output_folder(folder, overwrite: bool, keep_finished_shards: bool = False) -> Path:
+    """Make `folder` ready for new shards. Half-written shards (`.tmp`) always go; finished shards of an
+    unfinished folder (no index) are kept with `keep_finished_shards`, so that a pass can continue."""
     folder = Path(folder)
     if (folder / INDEX).exists() and not overwrite:
         raise UserError(f"{folder} already holds shards; choose a new --out folder (or --overwrite)")
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in list(folder.glob("shard-*.tar*")) + list(folder.glob(INDEX)):
-        stale.unlink()  # an earlier, unfinished attempt (no index) or the folder being overwritten
+    stale = list(folder.glob("shard-*.tar.tmp")) + list(folder.glob(INDEX))
+    if overwrite or not keep_finished_shards:
+        stale += list(folder.glob("shard-*.tar"))
+    for path in stale:
+        path.unlink()
     return folder
 
 
@@ -161,6 +198,17 @@ def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=Fals
         f"(read {stats.lines} lines; dropped {stats.empty} empty, {stats.duplicates} duplicate, "
         f"{stats.undecodable} undecodable)")
     return index
+
+
+def count_shard_samples(path) -> int:
+    """Samples in one finished tar shard (0 for a file that is not a readable tar)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            return len({Path(name).name.split(".", 1)[0] for name in tar.getnames()})
+    except (tarfile.TarError, OSError):
+        return 0
 
 
 def iter_shard_samples(paths, handler=None, with_keys=False):

@@ -9,9 +9,11 @@ contrastive on NLI triplets).
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +21,16 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import distill_parser, finetune_parser, parse, to_json
 from .encoder import Encoder
-from .errors import UserError, exit_on_user_error
+from .errors import RankError, UserError, exit_on_user_error
 from .evaluate import stsb_dev_spearman, write_json_atomic
 from .loader import ShardBatches, TripletBatches
 from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
-from .metrics import Metrics, Stopwatch
-from .shards import iter_shard_samples, read_index
-from .teacher import ZeroTeacher, bf16_supported, load_ds_config
+from .metrics import Metrics, SampleLog, Stopwatch
+from .shards import iter_shard_samples, read_index, verified_index
+from .teacher import ZeroTeacher, load_ds_config, use_bf16
 
 
 class Preempted(Exception):
@@ -82,7 +84,7 @@ def train(args, stage_class) -> Path:
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps) if args.epochs > 0 else args.max_steps
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(env.device))
+    bf16 = use_bf16(args.precision, env.device)
     ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=bf16)
     ds_config["gradient_clipping"] = args.grad_clip
     if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
@@ -112,6 +114,9 @@ def train(args, stage_class) -> Path:
                       progress_start=state["step"], show_progress=_show_progress(args, env))
 
     engine.train()  # from_pretrained hands models over in eval mode: dropout on for training
+    sample_log = (SampleLog(run_dir / "samples" / f"rank-{env.rank}.tsv", state["epoch"], state["batch"])
+                  if args.sample_log else None)
+    faults = InjectedFaults()
 
     def checkpoint_now():
         return save_checkpoint(engine, run_dir, state["step"], state, stage.extra(), args.keep_checkpoints)
@@ -123,10 +128,13 @@ def train(args, stage_class) -> Path:
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
         for batch in stage.batches(state["epoch"], state["batch"]):
             loss, terms = stage.loss(engine, batch, stopwatch)
-            if injected_nan(state["batch"]):
+            faults.mid_step(env.rank, state["step"] + 1, run_dir)
+            if faults.nan_at(state["batch"]):
                 loss = loss * float("nan")
             if not finite_on_every_rank(loss):
                 # skip the update on every rank (no backward, no step); the batch is spent, the step is not
+                if sample_log:
+                    sample_log.write(state["epoch"], state["batch"], state["step"], "skipped", batch["keys"])
                 state["batch"] += 1
                 state["skipped"] += 1
                 state["bad_in_a_row"] += 1
@@ -142,6 +150,8 @@ def train(args, stage_class) -> Path:
             engine.step()
             stage.after_step(batch)
             state["step"] += 1
+            if sample_log:
+                sample_log.write(state["epoch"], state["batch"], state["step"], "trained", batch["keys"])
             state["batch"] += 1
             metrics.record({"total": loss, **terms}, sentences=batch["sentences"], tokens=batch["tokens"], stopwatch=stopwatch)
             if state["step"] % args.log_every == 0 or state["step"] == total_steps:
@@ -166,10 +176,13 @@ def train(args, stage_class) -> Path:
         write_json_atomic(run_dir / "train_summary.json", {
             "steps": state["step"], "epochs_started": state["epoch"] + 1, "best_dev": state["best_dev"],
             "final_model": str(final), "world_size": env.world_size, "skipped_nonfinite_steps": state["skipped"],
+            "skipped_bad_shards": getattr(stage, "skipped_shards", []),
             **stage.gauges(),
             "seconds": round(metrics.elapsed(), 1)})
         print(f"finished: {state['step']} steps; final model {final}", flush=True)
     metrics.close()
+    if sample_log:
+        sample_log.close()
     distributed.shutdown()
     return final
 
@@ -178,6 +191,14 @@ def run_stage(args, stage_class) -> Path | None:
     """What a launcher runs: `train`, and on pre-emption a SLURM requeue (outside Submitit, which has its own)."""
     try:
         return train(args, stage_class)
+    except RuntimeError as err:
+        if not lost_a_peer(err):
+            raise
+        latest = latest_checkpoint(args.run_dir)
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])[:120]  # without gloo's source location
+        raise RankError(f"lost contact with another rank ({reason}): it died or was killed, "
+                        f"see its log; the last complete checkpoint is {latest or 'none yet'}; "
+                        "rerun with --resume auto") from None
     except Preempted as stop:
         job = os.environ.get("SLURM_JOB_ID")
         if distributed.rank() == 0:
@@ -191,6 +212,15 @@ def run_stage(args, stage_class) -> Path | None:
 
 
 EXIT_PREEMPTED = 3
+
+
+def lost_a_peer(err: RuntimeError) -> bool:
+    """A collective failed because another rank is gone (gloo: connection closed; any backend: time-out)."""
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "timed out",
+                                         "Timed out", "NCCL communicator was aborted"))
 
 
 def evaluate_and_select(stage, args, env, state, metrics, run_dir):
@@ -242,11 +272,24 @@ def finite_on_every_rank(loss: torch.Tensor) -> bool:
     return bad.item() == 0.0
 
 
-def injected_nan(batch: int) -> bool:
-    """Fault injection for tests: DISCO_INJECT_NAN_AT_BATCHES=3,4 makes the loss of those batches (numbered
-    within the epoch) NaN."""
-    batches = os.environ.get("DISCO_INJECT_NAN_AT_BATCHES")
-    return bool(batches) and str(batch) in batches.split(",")
+class InjectedFaults:
+    """Faults the reliability tests inject, read from the environment once:
+    DISCO_INJECT_NAN_AT_BATCHES=3,4 makes the loss of those batches (numbered within the epoch) NaN;
+    DISCO_KILL_RANK_AT_STEP=1:7 makes rank 1 SIGKILL itself in the middle of step 7 (after the forward,
+    before the backward), first writing the time to <run-dir>/killed-at."""
+
+    def __init__(self):
+        self.nan_batches = set(filter(None, os.environ.get("DISCO_INJECT_NAN_AT_BATCHES", "").split(",")))
+        rank_step = os.environ.get("DISCO_KILL_RANK_AT_STEP")
+        self.kill = tuple(int(x) for x in rank_step.split(":")) if rank_step else None
+
+    def nan_at(self, batch: int) -> bool:
+        return str(batch) in self.nan_batches
+
+    def mid_step(self, rank: int, step: int, run_dir: Path) -> None:
+        if self.kill == (rank, step):
+            (run_dir / "killed-at").write_text(f"{time.time()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -284,7 +327,8 @@ class Distill:
 
     def __init__(self, args, env):
         self.args, self.env = args, env
-        index = read_index(args.shards)
+        index = verified_index(read_index(args.shards), env.rank, env.world_size, args.bad_shards)
+        self.skipped_shards = index.skipped
         mode = args.teacher_mode if args.teacher_mode != "auto" else ("cached" if index.teacher else "online")
         if mode == "cached" and not index.teacher:
             raise UserError(f"--teacher-mode cached: {args.shards} holds no teacher embeddings; make them with "
@@ -295,7 +339,8 @@ class Distill:
         self.teacher = None
         if mode == "online":
             self.teacher = ZeroTeacher(args.teacher, args.teacher_ds_config, env.device,
-                                       batch_size=args.teacher_batch_size, max_length=args.max_length)
+                                       batch_size=args.teacher_batch_size, max_length=args.max_length,
+                                       precision=args.precision)
             teacher_dim = self.teacher.dim
         else:
             teacher_dim = index.teacher["dim"]
@@ -303,6 +348,8 @@ class Distill:
         scale = LogitScale(args.logit_scale, learnable=not args.fixed_logit_scale) if args.loss == "ckd" else None
         self.student = Student(encoder, head, scale).to(env.device)
         self.queue = TeacherQueue(args.queue_size if args.loss == "ckd" else 0, teacher_dim, device=env.device)
+        if os.environ.get("DISCO_BENCH_FILL_QUEUE") == "1":  # benchmarks: time a long run's full-queue steps at once
+            self.queue.push(torch.nn.functional.normalize(torch.randn(self.queue.size, teacher_dim), dim=-1).to(env.device))
         self.loader = ShardBatches(index, args.batch_size, env.rank, env.world_size, self.collate, seed=args.seed,
                                    shuffle_buffer=args.shuffle_buffer, length_bucket=args.length_bucket,
                                    num_workers=args.num_workers)
@@ -398,10 +445,14 @@ class Distill:
         return out
 
     def extra(self) -> dict:
-        return {"queue": self.queue.state_dict()}
+        return {"queue": self.queue.state_dict(), "skipped_shards": self.skipped_shards}
 
     def load_extra(self, extra: dict) -> None:
         self.queue.load_state_dict(extra["queue"])
+        before = extra.get("skipped_shards", [])
+        if before != self.skipped_shards:  # the data order depends on the shard list
+            raise UserError(f"the checkpoint was trained without shards {before or 'none'}, this run would skip "
+                            f"{self.skipped_shards or 'none'}; restore the same shards to resume, or start a new run")
 
 
 class Finetune:

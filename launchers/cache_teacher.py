@@ -13,7 +13,7 @@ from disco_dist.distributed import exit_process  # noqa: E402
 from disco_dist.config import DS_CONFIGS, Parser  # noqa: E402
 from disco_dist.errors import exit_on_user_error  # noqa: E402
 from disco_dist.shards import read_index  # noqa: E402
-from disco_dist.teacher import ZeroTeacher, cache_teacher_embeddings  # noqa: E402
+from disco_dist.teacher import ZeroTeacher, cache_teacher_embeddings, load_ds_config  # noqa: E402
 
 
 @exit_on_user_error
@@ -25,12 +25,17 @@ def main(argv=None):
     parser.add_argument("--teacher-ds-config", type=Path, default=DS_CONFIGS / "teacher_zero3.json")
     parser.add_argument("--teacher-batch-size", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="teacher forward precision; auto: bf16 on a GPU that has it, else fp32 (bf16 also helps "
+                        "CPUs with AVX512-BF16/AMX); embeddings are stored as fp16 either way")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    read_index(args.shards)  # a bad folder fails here, before any rank loads the teacher
+    read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
+    load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
-    teacher = ZeroTeacher(args.teacher, args.teacher_ds_config, env.device, args.teacher_batch_size, args.max_length)
+    teacher = ZeroTeacher(args.teacher, args.teacher_ds_config, env.device, args.teacher_batch_size, args.max_length,
+                          precision=args.precision)
     cache_teacher_embeddings(teacher, args.shards, args.out, env, overwrite=args.overwrite)
 
 

@@ -15,46 +15,18 @@ output already exists are skipped (delete the run folder to start over).
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from disco_dist.errors import UserError, exit_on_user_error  # noqa: E402
+from disco_dist.errors import exit_on_user_error  # noqa: E402
 from disco_dist.evaluate import format_table  # noqa: E402
+from disco_dist.recipes import evaluation, run_step as run  # noqa: E402
 
-NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return ", "Loading weights")
 TEACHER = "all-mpnet-base-v2"
 STUDENT = "all-MiniLM-L6-v2"
 STUDENT_LAYERS = ["0", "2", "5"]
-
-
-def run(cmd, ranks=None):
-    """Run a step (under the deepspeed launcher with `ranks` CPU ranks), its output streamed, noise dropped."""
-    python = sys.executable
-    if ranks:
-        cmd = [str(Path(python).parent / "deepspeed"), "--num_gpus", str(ranks), *cmd]
-    else:
-        cmd = [python, *cmd]
-    print("\n$ " + " ".join(str(c) for c in cmd), flush=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if ranks:
-        env["OMP_NUM_THREADS"] = "1"  # one core per rank, or the ranks fight over the cores
-    with subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as process:
-        for line in process.stdout:
-            if line.strip() and not any(noise in line for noise in NOISE):
-                print(line, end="", flush=True)
-    if process.returncode != 0:
-        raise UserError(f"step failed (exit {process.returncode}): {' '.join(str(c) for c in cmd)}")
-
-
-def evaluation(model, out: Path, label: str, extra=()) -> dict:
-    if not out.exists():
-        run(["launchers/evaluate.py", model, "--out", out, "--label", label, *extra])
-    return json.loads(out.read_text())["scores"]
 
 
 def teacher_scores(cache: Path) -> tuple:

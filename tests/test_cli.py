@@ -1,5 +1,6 @@
 """Bad flags, paths and combinations: one clear line naming the thing, exit 2, no traceback."""
 import json
+import os
 import subprocess
 import sys
 
@@ -15,9 +16,9 @@ def tiny(tmp_path_factory):
     return root, student, teacher
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     result = subprocess.run([sys.executable, str(REPO / "launchers" / script), *map(str, args)], capture_output=True,
-                            text=True, timeout=300, cwd=REPO)
+                            text=True, timeout=300, cwd=REPO, env=None if env is None else {**os.environ, **env})
     return result
 
 
@@ -75,3 +76,37 @@ def test_unwritable_run_folder(tiny, tmp_path):
     blocker.write_text("not a folder")
     assert_one_line(run("distill.py", "--shards", root / "shards", "--student", student, "--teacher", teacher,
                         "--run-dir", blocker / "run"), "is not writable", "a-file")
+
+
+def test_deepspeed_config_with_unknown_or_bad_keys(tiny, tmp_path):
+    """DeepSpeed ignores unknown top-level keys: a typo would silently train without ZeRO. Refused in one line,
+    for the student's config, the teacher's, and the cache pass's, before any rank starts."""
+    root, student, teacher = tiny
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    bad_zero = tmp_path / "bad-zero.json"
+    bad_zero.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_com": True}}))
+    common = ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--run-dir", tmp_path / "r"]
+    assert_one_line(run("distill.py", *common, "--ds-config", typo), "typo.json", "unknown key(s) zero_optimisation")
+    assert_one_line(run("finetune.py", "--student", student, "--ds-config", typo), "zero_optimisation")
+    assert_one_line(run("distill.py", *common, "--teacher-ds-config", bad_zero), "zero_optimization.overlap_com")
+    assert_one_line(run("cache_teacher.py", "--shards", root / "shards", "--out", tmp_path / "o",
+                        "--teacher-ds-config", bad_zero), "zero_optimization.overlap_com")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+    from disco_dist.teacher import load_ds_config
+
+    for shipped in (REPO / "ds_configs").glob("*.json"):
+        load_ds_config(shipped)  # the shipped configs pass the same check
+
+
+def test_hub_id_while_offline_is_one_quick_line(tiny, tmp_path):
+    """No network (as on many cluster nodes; here a closed local port stands in for the hub): one line within
+    seconds, not a minute of retries ending in a traceback."""
+    import time
+
+    root, _, teacher = tiny
+    start = time.time()
+    result = run("distill.py", "--shards", root / "shards", "--student", "someone/no-such-model", "--teacher", teacher,
+                 "--run-dir", tmp_path / "r", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert time.time() - start < 30
+    assert_one_line(result, "someone/no-such-model", "hub cannot be reached", "fetch_models.py")

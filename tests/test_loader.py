@@ -7,7 +7,7 @@ from disco_dist.shards import ShardFile, ShardFolderWriter, shard_name, write_in
 
 
 def texts_only(texts, teacher):
-    return texts
+    return {"texts": texts}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,10 @@ def test_every_rank_has_the_same_number_of_batches(uneven_shards):
     for epoch in range(4):
         per_rank = [list(loader(uneven_shards, r).batches(epoch)) for r in range(2)]
         assert len(per_rank[0]) == len(per_rank[1]) == loader(uneven_shards, 0).batches_per_epoch(epoch) > 0
-        seen = [t for batches in per_rank for batch in batches for t in batch]
+        seen = [t for batches in per_rank for batch in batches for t in batch["texts"]]
         assert len(seen) == len(set(seen))  # no sentence twice within an epoch
+        keys = [k for batches in per_rank for batch in batches for k in batch["keys"]]
+        assert keys == [f"{int(t.split()[-1]):09d}" for t in seen]  # each batch names its samples
     three = [loader(uneven_shards, r, world=3).batches_per_epoch(1) for r in range(3)]
     assert len(set(three)) == 1
 
@@ -77,10 +79,11 @@ def test_too_few_shards_is_a_clear_error(uneven_shards):
 
 def test_triplet_batches_split_over_ranks_and_resume():
     triplets = tuple([f"{c}{i}" for i in range(50)] for c in "apn")
-    ranks = [TripletBatches(triplets, 4, r, 2, lambda a, p, n: (a, p, n), seed=1) for r in range(2)]
+    ranks = [TripletBatches(triplets, 4, r, 2, lambda a, p, n: {"columns": (a, p, n)}, seed=1) for r in range(2)]
     assert [r.batches_per_epoch(0) for r in ranks] == [6, 6]
     batches = [list(r.batches(0)) for r in ranks]
-    anchors = [a for rank in batches for (anchor, _, _) in rank for a in anchor]
+    anchors = [a for rank in batches for batch in rank for a in batch["columns"][0]]
     assert len(anchors) == len(set(anchors)) == 48
+    assert [k for rank in batches for batch in rank for k in batch["keys"]] == [a[1:] for a in anchors]
     assert list(ranks[0].batches(0, start=4)) == batches[0][4:]
-    assert all(p == "p" + a[1:] for rank in batches for (anchor, pos, _) in rank for a, p in zip(anchor, pos))
+    assert all(p == "p" + a[1:] for rank in batches for batch in rank for a, p in zip(*batch["columns"][:2]))

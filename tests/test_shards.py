@@ -58,6 +58,15 @@ def test_refuses_to_overwrite_and_reports_missing_pieces(corpus, tmp_path):
         read_index(tmp_path / "s")
     with pytest.raises(UserError, match="index.json is missing"):
         read_index(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "index.json").write_text(json.dumps({"format": 1, "total": 0, "shards": []}))
+    with pytest.raises(UserError, match="lists no shards"):
+        read_index(empty)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n")
+    with pytest.raises(UserError, match="no usable sentences"):
+        make_shards(blank, tmp_path / "from-blank", log=lambda *_: None)
 
 
 def test_make_shards_launcher(corpus, tmp_path):

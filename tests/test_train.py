@@ -4,12 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from disco_dist.checkpoint import complete_checkpoints
 from disco_dist.encoder import Encoder
+from disco_dist.metrics import read_sample_logs
 
 from conftest import REPO, build_tiny_run_inputs
 from dist_utils import free_port
@@ -48,11 +51,19 @@ def distill_args(root, student, teacher, run_dir, *extra):
             "--head-init", "random", *extra]
 
 
-def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """The reference: 30 CKD steps on 2 ranks, checkpoints every 10, with the sample log."""
     root, student, teacher = setup
-    full = tmp_path / "full"
-    result = launch("distill.py", distill_args(root, student, teacher, full))
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    result = launch("distill.py", distill_args(root, student, teacher, full, "--sample-log"))
     assert result.returncode == 0 and "finished: 30 steps" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    return full
+
+
+def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupted, tmp_path):
+    root, student, teacher = setup
+    full = uninterrupted
 
     # what a user finds in the run folder
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (10, 20, 30)]
@@ -76,13 +87,46 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, tmp_path):
         assert again["loss/ckd"][step] == pytest.approx(logged["loss/ckd"][step], rel=1e-5, abs=1e-6)
         assert again["train/logit_scale"][step] == pytest.approx(logged["train/logit_scale"][step], rel=1e-5)
     assert 5 not in again["loss/ckd"]
-    for a, b in zip(Encoder.from_pretrained(full / "final").parameters(), Encoder.from_pretrained(resumed / "final").parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_weights(full, resumed)
 
     # a different world size would see other data and other optimizer partitions: refused, in one line
     result = launch("distill.py", distill_args(root, student, teacher, tmp_path / "one-rank", "--resume",
                                                full / "checkpoints" / "step-00000020"), ranks=1)
     assert result.returncode == 2 and "written by 2 ranks, this run has 1" in result.stderr, result.stderr[-2000:]
+
+
+def assert_same_weights(run_a, run_b):
+    for a, b in zip(Encoder.from_pretrained(run_a / "final").parameters(), Encoder.from_pretrained(run_b / "final").parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_killed_mid_step_stops_the_run_and_resume_matches_uninterrupted(setup, uninterrupted, tmp_path):
+    """SIGKILL to rank 1 in the middle of step 26: the launcher ends the other rank and fails promptly;
+    --resume auto continues from step 20 and ends with the uninterrupted run's weights, having trained on
+    every batch exactly once (the sample logs equal the uninterrupted run's)."""
+    root, student, teacher = setup
+    run = tmp_path / "killed"
+    os.environ["DISCO_KILL_RANK_AT_STEP"] = "1:26"
+    try:
+        result = launch("distill.py", distill_args(root, student, teacher, run, "--sample-log"), timeout=300)
+    finally:
+        del os.environ["DISCO_KILL_RANK_AT_STEP"]
+    ended = time.time()
+    assert result.returncode != 0 and "finished" not in result.stdout, result.stdout[-2000:]
+    assert "error: rank 0: lost contact with another rank" in result.stderr and "Traceback" not in result.stderr
+    assert "the last complete checkpoint is" in result.stderr and "step-00000020" in result.stderr
+    assert ended - float((run / "killed-at").read_text()) < 60  # no hang: bounded by the launcher / gloo
+    assert [p.name for p in complete_checkpoints(run)] == ["step-00000010", "step-00000020"]
+    logged_before_kill = read_sample_logs(run)
+    assert max(step for _, _, _, step, _, _ in logged_before_kill) >= 21  # steps past the checkpoint were lost
+
+    result = launch("distill.py", distill_args(root, student, teacher, run, "--sample-log", "--resume", "auto"))
+    assert result.returncode == 0 and "at step 20" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert_same_weights(uninterrupted, run)
+    rows = read_sample_logs(run)
+    assert rows == read_sample_logs(uninterrupted)
+    keys = [k for *_, batch_keys in rows for k in batch_keys]
+    assert len(rows) == 2 * 30 and len(keys) == len(set(keys)) == 2 * 30 * 16  # none twice, none skipped
 
 
 def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
@@ -167,3 +211,61 @@ def test_zero2_student_engine_resumes_exactly(setup, tmp_path):
     logged, again = scalars(full), scalars(resumed)
     for step in (15, 20):
         assert again["loss/ckd"][step] == pytest.approx(logged["loss/ckd"][step], rel=1e-5, abs=1e-6)
+
+
+def test_bad_shard_stops_the_run_or_is_skipped_on_every_rank(setup, tmp_path):
+    """A truncated shard and one replaced after indexing (stale index): by default the run stops before
+    training with one line naming them; with --bad-shards skip both ranks leave them out and finish."""
+    import shutil
+
+    root, student, teacher = setup
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    truncated = shards / "shard-000003.tar"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    shutil.copy(shards / "shard-000001.tar", shards / "shard-000007.tar")  # a valid tar, not the indexed one
+    args = ["--shards", shards, "--student", student, "--teacher", teacher, "--batch-size", 16, "--max-steps", 6,
+            "--checkpoint-every", 0, "--queue-size", 64, "--head-init", "random", "--log-every", 3]
+
+    result = launch("distill.py", [*args, "--run-dir", tmp_path / "stop"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "2 shard(s)" in errors[0] and "shard-000003.tar, shard-000007.tar" in errors[0] and "--bad-shards skip" in errors[0]
+
+    result = launch("distill.py", [*args, "--run-dir", tmp_path / "skip", "--bad-shards", "skip"], timeout=300)
+    assert result.returncode == 0 and "finished: 6 steps" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "skipping them (200 of 1200 sentences)" in result.stdout
+    summary = json.loads((tmp_path / "skip" / "train_summary.json").read_text())
+    assert summary["skipped_bad_shards"] == ["shard-000003.tar", "shard-000007.tar"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.2 MiB tmpfs: room for the run folder and one checkpoint of the tiny student (0.7 MiB), not two."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_previous_one_resumes(setup, uninterrupted, small_disk, tmp_path):
+    import shutil
+
+    root, student, teacher = setup
+    run = small_disk / "run"
+    result = launch("distill.py", distill_args(root, student, teacher, run), timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "not enough space for checkpoint step-00000020" in errors[0] and "step-00000010 is intact" in errors[0]
+    assert [p.name for p in complete_checkpoints(run)] == ["step-00000010"]
+    assert not list((run / "checkpoints").glob(".*partial"))  # nothing half-written left behind
+
+    moved = tmp_path / "run"  # the user frees space (here: moves the run) and resumes
+    shutil.copytree(run, moved)
+    result = launch("distill.py", distill_args(root, student, teacher, moved, "--resume", "auto"))
+    assert result.returncode == 0 and "at step 10" in result.stdout, result.stderr[-3000:]
+    assert_same_weights(uninterrupted, moved)

@@ -1,0 +1,200 @@
+"""Recipes and the steps of a chain: one JSON file per student under `launchers/recipes/`, and what turns
+(recipe, method) into runs, an evaluation and a row of docs/results.json.
+
+Methods, as in the paper's comparison:
+    init     the student as initialised (kept layers), no training
+    mse      stage 1 with MSE-KD;              ckd      stage 1 with CKD
+    disco    CKD, then NLI fine-tuning;        mse+ft   MSE-KD, then NLI fine-tuning
+    ft       NLI fine-tuning from the initialisation (the same-size model that never saw the teacher)
+
+Every step is skipped when its output exists and resumes (`--resume auto`) when it was cut short, so a
+long chain runs in parts. Model selection uses STS-B dev only (`--select best`); the seven test sets are
+only ever scored at the end.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import REPO_ROOT
+from .errors import UserError
+from .evaluate import write_json_atomic
+
+RECIPES = REPO_ROOT / "launchers" / "recipes"
+METHODS = ("init", "mse", "ckd", "disco", "mse+ft", "ft")
+NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return ", "Loading weights")
+
+
+def run_step(cmd: list, ranks: int | None = None, log=print) -> None:
+    """Run one launcher (under the deepspeed launcher with `ranks` ranks), its output streamed, noise dropped."""
+    python = sys.executable
+    cmd = [str(Path(python).parent / "deepspeed"), "--num_gpus", str(ranks), *cmd] if ranks else [python, *cmd]
+    log("\n$ " + " ".join(str(c) for c in cmd))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if ranks and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or ranks) // ranks))  # or the ranks fight over cores
+    with subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            if line.strip() and not any(noise in line for noise in NOISE):
+                print(line, end="", flush=True)
+    if process.returncode != 0:
+        raise UserError(f"step failed (exit {process.returncode}): {' '.join(str(c) for c in cmd)}")
+
+
+def evaluation(model, out: Path, label: str, extra=()) -> dict:
+    """The seven-task scores of `model`, from `out` if it was scored before."""
+    if not Path(out).exists():
+        run_step(["launchers/evaluate.py", model, "--out", out, "--label", label, "--batch-size", 128, *extra])
+    return json.loads(Path(out).read_text())["scores"]
+
+
+def hardware() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def load_recipe(name: str) -> dict:
+    path = Path(name) if name.endswith(".json") else RECIPES / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.json")))
+        raise UserError(f"recipe {name}: no file {path}; known recipes: {known}")
+    recipe = json.loads(path.read_text())
+    recipe.setdefault("label", path.stem)
+    return recipe
+
+
+def flags(options: dict) -> list:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (False, None):
+            out += [flag, *(value if isinstance(value, list) else [value])]
+    return out
+
+
+class Reproduction:
+    """One student's runs under `<run_root>/<label>/`: distill-mse, distill-ckd, ft-from-init, ft-after-mse,
+    ft-after-ckd, each with its run folder, final model and eval JSON."""
+
+    def __init__(self, recipe: dict, run_root: Path, shards: Path, ranks: int):
+        self.recipe, self.shards, self.ranks = recipe, Path(shards), ranks
+        self.root = Path(run_root) / recipe["label"]
+        self.keep = ["--keep-layers", *recipe["keep_layers"]] if recipe.get("keep_layers") else []
+
+    def distilled(self, loss: str) -> Path:
+        run_dir = self.root / f"distill-{loss}"
+        if not (run_dir / "train_summary.json").exists():
+            if not (self.shards / "index.json").exists():
+                raise UserError(f"{self.shards} holds no finished teacher cache; make it with "
+                                "`deepspeed --num_gpus 2 launchers/cache_teacher.py --shards ... --out ...`")
+            run_step(["launchers/distill.py", "--shards", self.shards, "--student", self.recipe["student"], *self.keep,
+                      "--run-dir", run_dir, "--loss", loss, *flags(self.recipe["distill"]), "--resume", "auto"],
+                     self.ranks)
+        return run_dir
+
+    def finetuned(self, start: str, name: str, keep: list) -> Path:
+        run_dir = self.root / name
+        if not (run_dir / "train_summary.json").exists():
+            run_step(["launchers/finetune.py", "--student", start, *keep, "--run-dir", run_dir,
+                      *flags(self.recipe["finetune"]), "--resume", "auto"], self.ranks)
+        return run_dir
+
+    def runs(self, method: str) -> list:
+        """The run folders of `method`, running what is missing; the last one holds the model to score."""
+        if method == "init":
+            return []
+        if method == "ft":
+            return [self.finetuned(self.recipe["student"], "ft-from-init", self.keep)]
+        loss = "ckd" if method in ("ckd", "disco") else "mse"
+        distilled = self.distilled(loss)
+        if method in ("mse", "ckd"):
+            return [distilled]
+        return [distilled, self.finetuned(str(distilled / "final"), f"ft-after-{loss}", [])]
+
+    def row(self, method: str, command: str) -> dict:
+        if method not in METHODS:
+            raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        start = time.time()
+        runs = self.runs(method)
+        label = f"{self.recipe['label']} {method}"
+        if runs:
+            scores = evaluation(runs[-1] / "final", runs[-1] / "eval_sts.json", label)
+        else:
+            scores = evaluation(self.recipe["student"], self.root / "init" / "eval_sts.json", label, self.keep)
+        row = {"model": self.recipe["name"], "student": self.recipe["label"], "method": method, "scores": scores,
+               "command": command, "hardware": hardware(), "seconds_this_call": round(time.time() - start, 1)}
+        for run_dir in runs:
+            summary = json.loads((run_dir / "train_summary.json").read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            stage = config["stage"]
+            row[stage] = {"run_dir": str(run_dir), "steps": summary["steps"], "seconds": summary["seconds"],
+                          "world_size": summary["world_size"], "best_stsb_dev": summary.get("best_dev"),
+                          "lr": config["lr"], "batch_size_per_rank": config["batch_size"], "epochs": config["epochs"]}
+            if stage == "distill":
+                row[stage].update(sentences=json.loads((Path(config["shards"]) / "index.json").read_text())["total"],
+                                  loss=config["loss"], queue_size=config["queue_size"],
+                                  final_logit_scale=summary.get("logit_scale"))
+            else:
+                row[stage].update(final_temperature=summary.get("temperature"), triplets_max=config["max_triplets"])
+        return row
+
+
+def merge_result_row(path: Path, row: dict) -> None:
+    """Put `row` into docs/results.json, replacing the row of the same student and method."""
+    content = json.loads(Path(path).read_text()) if Path(path).is_file() else {"rows": []}
+    rows = [r for r in content["rows"] if (r["student"], r["method"]) != (row["student"], row["method"])]
+    order = {name: i for i, name in enumerate(("teacher", "S1", "S2", "S3"))}
+    rows.append(row)
+    rows.sort(key=lambda r: (order.get(r["student"], 9), METHODS.index(r["method"]) if r["method"] in METHODS else 9))
+    write_json_atomic(path, {**content, "rows": rows})
+
+
+def encode_speed(recipe: dict, teacher: str, texts: list, batch_sizes=(1, 128), repeats: int = 3,
+                 max_length: int = 128) -> list:
+    """Sentences/s of the student and the teacher encoding the same sentences at the same max length, one
+    process, alternating the two, medians of `repeats`: the speed column of the results table."""
+    import statistics
+
+    import torch
+
+    from .encoder import Encoder
+
+    student = Encoder.from_pretrained(recipe["student"], max_length=max_length, keep=recipe.get("keep_layers"))
+    big = Encoder.from_pretrained(teacher, max_length=max_length)
+    rows = []
+    for batch_size in batch_sizes:
+        sample = texts[:max(64, 4 * batch_size)] if batch_size > 1 else texts[:64]
+        rates = {"student": [], "teacher": []}
+        for model in (student, big):
+            model.encode(sample[:batch_size], batch_size=batch_size)  # warm-up
+        for _ in range(repeats):
+            for name, model in (("student", student), ("teacher", big)):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model.encode(sample, batch_size=batch_size)
+                rates[name].append(len(sample) / (time.perf_counter() - start))
+        s, t = statistics.median(rates["student"]), statistics.median(rates["teacher"])
+        rows.append({"student": recipe["label"], "batch_size": batch_size, "sentences": len(sample),
+                     "max_length": max_length, "student_sentences_per_s": round(s, 2),
+                     "teacher_sentences_per_s": round(t, 2), "speedup": round(s / t, 2)})
+    return rows
+
+
+def merge_speed_rows(path: Path, rows: list) -> None:
+    content = json.loads(Path(path).read_text())
+    students = {r["student"] for r in rows}
+    speed = [r for r in content.get("speed", []) if r["student"] not in students] + rows
+    write_json_atomic(path, {**content, "speed": sorted(speed, key=lambda r: (r["student"], r["batch_size"]))})
