@@ -197,25 +197,27 @@ def worker_teacher_ranks(spec: dict) -> dict:
     from . import distributed
     from .encoder import Encoder
     from .shards import iter_shard_samples, read_index
-    from .teacher import ZeroTeacher
+    from .teacher import ZeroTeacher, default_teacher_batch_size
 
     env = distributed.init_distributed(spec.get("local_rank", -1))
+    # both sides at the ZeRO-3 teacher's default for this device and world size
+    batch_size = spec["teacher_batch_size"] or default_teacher_batch_size(env.device, env.world_size > 1)
     texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]).paths())]
     mine = texts[env.rank::env.world_size]
     if spec["mode"] == "zero3":
         teacher = ZeroTeacher(spec["teacher"], REPO_ROOT / "ds_configs" / "teacher_zero3.json", env.device,
-                              batch_size=spec["teacher_batch_size"], max_length=spec["max_length"])
+                              batch_size=batch_size, max_length=spec["max_length"])
         embed = teacher.embed
     else:
         encoder = Encoder.from_pretrained(spec["teacher"], max_length=spec["max_length"]).to(env.device)
-        embed = lambda chunk: encoder.encode(chunk, batch_size=spec["teacher_batch_size"])  # noqa: E731
+        embed = lambda chunk: encoder.encode(chunk, batch_size=batch_size)  # noqa: E731
     embed(mine[:8])  # warm-up (and, under ZeRO-3, the same number of forwards on every rank)
     distributed.barrier()
     start = time.perf_counter()
     embed(mine)
     distributed.barrier()
     seconds = time.perf_counter() - start
-    return {"sentences_per_s": len(texts[:len(mine) * env.world_size]) / seconds, "rank": env.rank}
+    return {"sentences_per_s": len(texts[:len(mine) * env.world_size]) / seconds, "batch_size": batch_size}
 
 
 WORKERS = {"st_training": worker_st_training, "st_encode": worker_st_encode, "teacher_ranks": worker_teacher_ranks}
@@ -236,7 +238,7 @@ class Settings:
     corpus: str | None = None  # default: the shared Wikipedia sentences
     teacher_sentences: int = 768  # embedded by both teacher sides; then the training runs' data
     batch_size: int = 64
-    teacher_batch_size: int = 256
+    teacher_batch_size: int | None = None  # None: the product's default for the device (see teacher.py)
     max_length: int = 128
     lr: float = 1e-4
     warmup_steps: int = 5
@@ -244,7 +246,7 @@ class Settings:
     ckd_steps: int = 12
     queue_size: int = 65_536
     repeats: int = 3
-    st_batch_sizes: tuple = (16, 32, 64, 128, 256)
+    st_batch_sizes: tuple = (8, 16, 32, 64, 128, 256)
     device: str = "cpu"
     precision: str = "fp32"
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
@@ -323,8 +325,8 @@ class Benchmark:
         """The cache pass as a user runs it, one process; its sentences/s (model loading excluded)."""
         out = self.work / "cached"
         cmd = [self.python, LAUNCHERS / "cache_teacher.py", "--shards", self.source, "--out", out, "--teacher",
-               self.s.teacher, "--teacher-batch-size", self.s.teacher_batch_size, "--max-length", self.s.max_length,
-               "--overwrite"]
+               self.s.teacher, "--max-length", self.s.max_length, "--overwrite",
+               *(["--teacher-batch-size", self.s.teacher_batch_size] if self.s.teacher_batch_size else [])]
         run_checked(cmd)
         self.cached = out
         return json.loads((out / "index.json").read_text())["teacher"]["sentences_per_s"]
@@ -338,7 +340,9 @@ class Benchmark:
             self.cache_pass,
             lambda: self._worker("st_encode", self._spec(shards=str(self.source), batch_sizes=[best_batch]))["sentences_per_s"][str(best_batch)],
             self.s.repeats)
+        cache_batch = json.loads((self.cached / "index.json").read_text())["teacher"]["batch_size"]
         self._add("teacher_encode", ours / theirs, self.s.command, disco_sentences_per_s=round(ours, 2),
+                  disco_teacher_batch_size=cache_batch,
                   st_sentences_per_s=round(theirs, 2), st_best_batch_size=best_batch, sentences=self.s.teacher_sentences,
                   st_batch_size_sweep={k: round(v, 2) for k, v in best.items()}, repeats_disco=a, repeats_st=b)
 
@@ -347,12 +351,15 @@ class Benchmark:
             self.cache_pass()
 
     def zero3_vs_replicated(self) -> None:
+        from .teacher import default_teacher_batch_size
+
         spec = self._spec(shards=str(self.source))
         zero3, replicated, a, b = alternate(lambda: self._worker("teacher_ranks", {**spec, "mode": "zero3"}, ranks=2)["sentences_per_s"],
                                             lambda: self._worker("teacher_ranks", {**spec, "mode": "replicated"}, ranks=2)["sentences_per_s"],
                                             self.s.repeats)
         self._add("zero3_vs_replicated", zero3 / replicated, self.s.command, zero3_sentences_per_s=round(zero3, 2),
-                  replicated_sentences_per_s=round(replicated, 2), teacher_batch_size=self.s.teacher_batch_size,
+                  replicated_sentences_per_s=round(replicated, 2),
+                  teacher_batch_size=self.s.teacher_batch_size or default_teacher_batch_size(torch.device(self.s.device), True),
                   repeats_zero3=a, repeats_replicated=b)
 
     def st_training(self) -> None:

@@ -64,8 +64,9 @@ def distill_parser() -> Parser:
     g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
     g.add_argument("--teacher", default="all-mpnet-base-v2", help="teacher: folder, fetched name or hub id")
     g.add_argument("--teacher-ds-config", type=Path, default=DS_CONFIGS / "teacher_zero3.json")
-    g.add_argument("--teacher-batch-size", type=int, default=256,
-                   help="sentences per teacher forward (online mode embeds several student batches at once)")
+    g.add_argument("--teacher-batch-size", type=int,
+                   help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, 16 with one); online mode embeds "
+                   "several student batches per call")
     g = parser.add_argument_group("data and loss")
     g.add_argument("--shards", type=Path, default=Path("runs") / "shards",
                    help="shard folder (with teacher embeddings: cached mode)")

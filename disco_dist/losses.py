@@ -27,17 +27,24 @@ def ckd_loss(student: torch.Tensor, teacher_keys: torch.Tensor, logit_scale: tor
 
     student: (B, D) this rank's projected student embeddings; teacher_keys: (W*B, D) the teacher embeddings
     of the global batch (every rank's, gathered; this rank's rows at this_rank*B); logit_scale: the scalar s
-    (not its log); queue: (M, D) earlier teacher embeddings or None. Both sides are L2-normalised here.
-    The teacher is frozen, so its gathered embeddings need no gradient: each rank's loss depends on its own
-    q's alone, and the engine's gradient average over ranks is the gradient of the global mean."""
+    (not its log); queue: (M, D) earlier teacher embeddings, already L2-normalised (TeacherQueue stores them
+    so), or None. The student and batch keys are L2-normalised here. The teacher is frozen, so its gathered
+    embeddings need no gradient: each rank's loss depends on its own q's alone, and the engine's gradient
+    average over ranks is the gradient of the global mean.
+
+    The queue block's logits are never concatenated with the batch block's: the cross-entropy's
+    log-sum-exp is combined from the two blocks (a copy of a 65,536-row queue per step costs more than the
+    matmul's share of the step)."""
     q = F.normalize(student, dim=-1)
     keys = F.normalize(teacher_keys.to(q.dtype), dim=-1)
-    if queue is not None and len(queue):
-        keys = torch.cat([keys, F.normalize(queue.to(q.dtype), dim=-1)], dim=0)
     logits = logit_scale * q @ keys.T
     offset = (rank() if this_rank is None else this_rank) * len(q)
-    labels = torch.arange(offset, offset + len(q), device=q.device)
-    return F.cross_entropy(logits, labels)
+    positive = logits[torch.arange(len(q), device=q.device), torch.arange(offset, offset + len(q), device=q.device)]
+    log_normaliser = torch.logsumexp(logits, dim=1)
+    if queue is not None and len(queue):
+        queue_logits = logit_scale * q @ queue.to(q.dtype).T
+        log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(queue_logits, dim=1))
+    return (log_normaliser - positive).mean()
 
 
 def sup_contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, hard_negative: torch.Tensor | None,
@@ -87,9 +94,10 @@ class TeacherQueue:
 
     @torch.no_grad()
     def push(self, embeddings: torch.Tensor) -> None:
+        """Store the newest teacher embeddings, L2-normalised (ckd_loss takes the queue as unit vectors)."""
         if self.size == 0:
             return
-        embeddings = embeddings[-self.size:].to(self.buffer.dtype)
+        embeddings = F.normalize(embeddings[-self.size:].float(), dim=-1).to(self.buffer.dtype)
         end = self.pointer + len(embeddings)
         if end <= self.size:
             self.buffer[self.pointer:end] = embeddings

@@ -88,10 +88,22 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_supported(device))
 
 
-class ZeroTeacher:
-    """A frozen Encoder whose parameters are partitioned across ranks (ZeRO-3 inference)."""
+def default_teacher_batch_size(device: torch.device, partitioned: bool) -> int:
+    """Sentences per teacher forward. On a GPU a large batch amortises ZeRO-3's parameter gathering. On a
+    CPU big padded batches run slower per sentence, so a lone teacher runs 16 at a time (as fast as
+    sentence-transformers' best), and a ZeRO-3 teacher 64, which pays one gather per 64 sentences (measured on
+    2 CPU ranks, 2,048 sentences, sentences/s: ZeRO-3 15.3 / 17.6 / 16.2 and replicated 24.0 / 20.5 / 17.2 at
+    16 / 64 / 128; see docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return 256
+    return 64 if partitioned else 16
 
-    def __init__(self, name_or_path, ds_config_path, device: torch.device, batch_size: int = 256,
+
+class ZeroTeacher:
+    """A frozen Encoder whose parameters are partitioned across ranks (ZeRO-3 inference). With one rank
+    there is nothing to partition: the teacher is then a plain module (ZeRO-3's hooks cost ~15% there)."""
+
+    def __init__(self, name_or_path, ds_config_path, device: torch.device, batch_size: int | None = None,
                  max_length: int | None = None, precision: str = "auto"):
         from transformers import AutoModel
         from transformers.integrations import HfDeepSpeedConfig
@@ -100,16 +112,21 @@ class ZeroTeacher:
         config = load_ds_config(ds_config_path, bf16=self.bf16)
         if config.get("zero_optimization", {}).get("stage") != 3:
             raise UserError(f"{ds_config_path}: the teacher config must use zero_optimization.stage 3")
-        hf_zero3 = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
-        try:
-            self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length,
-                                                   model_loader=AutoModel.from_pretrained)
-        finally:
-            del hf_zero3  # anything built after this is an ordinary, unpartitioned model
-        self.engine, *_ = distributed.import_deepspeed().initialize(model=self.encoder.model, config=config)
+        self.partitioned = distributed.world_size() > 1
+        if self.partitioned:
+            hf_zero3 = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
+            try:
+                self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length,
+                                                       model_loader=AutoModel.from_pretrained)
+            finally:
+                del hf_zero3  # anything built after this is an ordinary, unpartitioned model
+            self.engine, *_ = distributed.import_deepspeed().initialize(model=self.encoder.model, config=config)
+        else:
+            self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length)
+            self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)
         self.encoder.model.eval()
         self.encoder.model.requires_grad_(False)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size = device, batch_size or default_teacher_batch_size(device, self.partitioned)
         self.seconds = 0.0  # time spent in teacher forwards, for the step-time breakdown
 
     @property
@@ -147,7 +164,20 @@ class ZeroTeacher:
 CACHE_PLAN = "cache-plan.json"  # in an unfinished cache folder: what its finished shards were made from
 
 
-def cache_teacher_embeddings(teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print):
+def shard_groups(shards: list, counts: list, group_sentences: int) -> list:
+    """Consecutive shards joined until a group holds at least `group_sentences` sentences."""
+    groups, current, size = [], [], 0
+    for i in shards:
+        current.append(i)
+        size += counts[i]
+        if size >= group_sentences:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def cache_teacher_embeddings(teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print,
+                             group_sentences: int = 4096):
     """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
     the source. Rank r writes shards r, r+W, ...; rank 0 writes the index once every rank is done.
 
@@ -167,20 +197,26 @@ def cache_teacher_embeddings(teacher: ZeroTeacher, source_folder, out_folder, en
             log(f"continuing {out_folder}: {len(done)} of {len(source.shards)} shards already cached")
     distributed.barrier()
     to_do = [i for i in range(len(source.shards)) if i not in done]
-    mine = to_do[env.rank::env.world_size]
-    forwards_needed = [sum(-(-source.counts[i] // teacher.batch_size) for i in to_do[r::env.world_size])
-                       for r in range(env.world_size)]
-    written, forwards, start = [], 0, time.perf_counter()
-    for i in mine:
-        shard = ShardFile(out_folder / source.shards[i]["name"])
-        samples = list(iter_shard_samples([source.paths()[i]], with_keys=True))
-        embeddings = teacher.embed([text for _, text, _ in samples])
-        forwards += -(-len(samples) // teacher.batch_size)
-        for (key, text, _), embedding in zip(samples, embeddings.numpy()):
-            shard.write(key, text, embedding)
-        written.append((i, shard.close()))
+    groups = [shard_groups(to_do[r::env.world_size], source.counts, group_sentences) for r in range(env.world_size)]
+    forwards_needed = [sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank)
+                       for per_rank in groups]
+    finished, forwards, start = 0, 0, time.perf_counter()
+    for group in groups[env.rank]:
+        # sentences of several shards are length-sorted together: less padding than shard by shard
+        samples = [list(iter_shard_samples([source.paths()[i]], with_keys=True)) for i in group]
+        embeddings = teacher.embed([text for shard in samples for _, text, _ in shard])
+        forwards += -(-len(embeddings) // teacher.batch_size)
+        first = 0
+        for i, shard_samples in zip(group, samples):
+            shard = ShardFile(out_folder / source.shards[i]["name"])
+            for (key, text, _), embedding in zip(shard_samples, embeddings[first:first + len(shard_samples)].numpy()):
+                shard.write(key, text, embedding)
+            shard.close()
+            first += len(shard_samples)
+        finished += len(group)
         if env.is_main:
-            log(f"rank 0: {source.shards[i]['name']} done ({len(written)}/{len(mine)} of this rank's shards)")
+            log(f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(to_do[::env.world_size])} "
+                "of this rank's shards)")
     for _ in range(max(forwards_needed) - forwards):
         teacher.padding_forward()
     distributed.barrier()
@@ -193,7 +229,7 @@ def cache_teacher_embeddings(teacher: ZeroTeacher, source_folder, out_folder, en
                             teacher={"model": str(teacher.encoder.model.name_or_path), "dim": teacher.dim,
                                      "dtype": "float16", "pooling": teacher.encoder.pooling,
                                      "normalize": teacher.encoder.normalize, "max_length": teacher.encoder.max_length,
-                                     "precision": "bf16" if teacher.bf16 else "fp32",
+                                     "precision": "bf16" if teacher.bf16 else "fp32", "batch_size": teacher.batch_size,
                                      "world_size": env.world_size, "seconds": round(seconds, 2),
                                      # this pass's rate; a continued pass counts only the shards it embedded
                                      "sentences_per_s": round(sum(source.counts[i] for i in to_do) / seconds, 2)})

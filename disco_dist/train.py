@@ -396,7 +396,7 @@ class Distill:
         """Embed several student batches per teacher forward (`--teacher-batch-size` sentences), so the
         ZeRO-3 parameter gathering is paid once for all of them. Every rank has the same batch count, so
         every rank runs the same number of teacher forwards."""
-        per_forward = max(1, self.args.teacher_batch_size // self.args.batch_size)
+        per_forward = max(1, self.teacher.batch_size // self.args.batch_size)
         group = []
         for batch in batches:
             group.append(batch)

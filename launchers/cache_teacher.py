@@ -23,7 +23,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
     parser.add_argument("--teacher", default="all-mpnet-base-v2", help="folder, fetched name or hub id")
     parser.add_argument("--teacher-ds-config", type=Path, default=DS_CONFIGS / "teacher_zero3.json")
-    parser.add_argument("--teacher-batch-size", type=int, default=256)
+    parser.add_argument("--teacher-batch-size", type=int,
+                        help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, 16 with one)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="teacher forward precision; auto: bf16 on a GPU that has it, else fp32 (bf16 also helps "

@@ -20,7 +20,7 @@ def problem():
     model = torch.nn.Linear(D_IN, D)
     scale = LogitScale(math.e)
     data = {"x": torch.randn(2 * B, D_IN), "x_pos": torch.randn(2 * B, D_IN), "x_neg": torch.randn(2 * B, D_IN),
-            "teacher": torch.randn(2 * B, D), "queue": torch.randn(7, D)}
+            "teacher": torch.randn(2 * B, D), "queue": F.normalize(torch.randn(7, D), dim=-1)}
     return model, scale, data
 
 
@@ -87,6 +87,20 @@ def test_ckd_values():
     assert uniform.item() == pytest.approx(math.log(8), rel=1e-3)  # 3 batch + 5 queue candidates, no preference
 
 
+def test_ckd_equals_cross_entropy_over_batch_and_queue_candidates():
+    """The block-wise log-sum-exp is the plain cross-entropy over [batch keys; queue] (values and gradients)."""
+    torch.manual_seed(1)
+    student = torch.randn(4, 6, requires_grad=True)
+    keys, queue, scale = torch.randn(8, 6), F.normalize(torch.randn(50, 6), dim=-1), torch.tensor(7.0)
+    loss = ckd_loss(student, keys, scale, queue, this_rank=1)
+    (grad,) = torch.autograd.grad(loss, student)
+    candidates = torch.cat([F.normalize(keys, dim=-1), queue])
+    reference = F.cross_entropy(scale * F.normalize(student, dim=-1) @ candidates.T, torch.arange(4, 8))
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, reference_grad)
+
+
 def test_sup_contrastive_temperature_and_hard_negatives():
     torch.manual_seed(0)
     a = torch.randn(4, 256)  # nearly orthogonal rows
@@ -108,7 +122,9 @@ def test_queue_is_fifo_and_restorable():
     queue.push(torch.arange(6.0).view(3, 2))
     queue.push(torch.arange(6.0, 12.0).view(3, 2))  # wraps: oldest row overwritten
     assert queue.filled == 5
-    assert sorted(queue.negatives()[:, 0].tolist()) == [2.0, 4.0, 6.0, 8.0, 10.0]
+    kept = torch.arange(2.0, 12.0).view(5, 2)  # the oldest row was overwritten; rows are stored unit length
+    order = queue.negatives()[:, 1].argsort(descending=True)  # y/|row| falls as the rows grow: oldest first
+    torch.testing.assert_close(queue.negatives()[order], F.normalize(kept, dim=-1))
     restored = TeacherQueue(5, 2)
     restored.load_state_dict(queue.state_dict())
     torch.testing.assert_close(restored.negatives(), queue.negatives())
