@@ -43,6 +43,17 @@ def exit_on_user_error(main):
             print(f"error: rank {_rank()}: {err.strerror} while writing {err.filename or 'a file'}; nothing already "
                   "written was replaced: free space there and rerun (training: --resume auto)", file=sys.stderr,
                   flush=True)
-        sys.exit(2)
+        exit_now(2)
 
     return wrapper
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code`. A rank of a live process group skips the interpreter's teardown, where the
+    communication stack's threads can abort the process ("terminate called ...") and turn exit 2 into a crash."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -24,7 +24,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import distill_parser, finetune_parser, parse, to_json
 from .encoder import Encoder
-from .errors import RankError, UserError, exit_on_user_error
+from .errors import RankError, UserError, exit_now, exit_on_user_error
 from .evaluate import stsb_dev_spearman, write_json_atomic
 from .loader import ShardBatches, TripletBatches
 from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
@@ -208,7 +208,7 @@ def run_stage(args, stage_class) -> Path | None:
                 print(f"requeued SLURM job {job}; it resumes from the checkpoint (--resume auto)", flush=True)
             else:
                 print("rerun with --resume auto to continue", flush=True)
-        sys.exit(EXIT_PREEMPTED)
+        exit_now(EXIT_PREEMPTED)
 
 
 EXIT_PREEMPTED = 3
