@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import REPO_ROOT
+from .distributed import threads_per_rank
 
 LAUNCHERS = REPO_ROOT / "launchers"
 RESULT_PREFIX = "BENCHMARK_RESULT "
@@ -281,7 +282,7 @@ class Benchmark:
             from .distributed import _free_port
 
             return run_json([self.deepspeed, "--num_gpus", ranks, "--master_port", _free_port(), *script],
-                            env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))})
+                            env={"OMP_NUM_THREADS": threads_per_rank(ranks)})
         return run_json([self.python, *script])
 
     def _distill(self, shards: Path, loss: str, steps: int, warmup: int, ranks: int = 0, env=None) -> float:
@@ -297,7 +298,7 @@ class Benchmark:
             from .distributed import _free_port
 
             cmd = [self.deepspeed, "--num_gpus", ranks, "--master_port", _free_port(), LAUNCHERS / "distill.py", *args]
-            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks)), **(env or {})}
+            env = {"OMP_NUM_THREADS": threads_per_rank(ranks), **(env or {})}
         else:
             cmd = [self.python, LAUNCHERS / "distill.py", *args]
         run_checked(cmd, env)

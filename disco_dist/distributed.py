@@ -108,6 +108,11 @@ def exit_process(code: int = 0) -> None:
     os._exit(code)
 
 
+def threads_per_rank(ranks: int) -> str:
+    """OMP_NUM_THREADS for `ranks` processes on one machine: its cores split evenly (else they fight over them)."""
+    return str(max(1, (os.cpu_count() or ranks) // ranks))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .config import REPO_ROOT
+from .distributed import threads_per_rank
 from .errors import UserError
 from .evaluate import write_json_atomic
 
@@ -35,7 +36,7 @@ def run_step(cmd: list, ranks: int | None = None, log=print) -> None:
     log("\n$ " + " ".join(str(c) for c in cmd))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if ranks and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or ranks) // ranks))  # or the ranks fight over cores
+        env["OMP_NUM_THREADS"] = threads_per_rank(ranks)
     with subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
