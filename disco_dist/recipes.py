@@ -128,29 +128,39 @@ class Reproduction:
     def row(self, method: str, command: str) -> dict:
         if method not in METHODS:
             raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
-        start = time.time()
         runs = self.runs(method)
         label = f"{self.recipe['label']} {method}"
         if runs:
-            scores = evaluation(runs[-1] / "final", runs[-1] / "eval_sts.json", label)
+            scored = runs[-1] / "eval_sts.json"
+            scores = evaluation(runs[-1] / "final", scored, label)
         else:
-            scores = evaluation(self.recipe["student"], self.root / "init" / "eval_sts.json", label, self.keep)
-        row = {"model": self.recipe["name"], "student": self.recipe["label"], "method": method, "scores": scores,
-               "command": command, "hardware": hardware(), "seconds_this_call": round(time.time() - start, 1)}
+            scored = self.root / "init" / "eval_sts.json"
+            scores = evaluation(self.recipe["student"], scored, label, self.keep)
+        # the row's wall time from the records of its steps, so a re-run that finds them done does not change it
+        seconds = json.loads(scored.read_text())["seconds"] + sum(
+            json.loads((run_dir / "train_summary.json").read_text())["seconds"] for run_dir in runs)
+        row = {"model": self.recipe["name"], "student": self.recipe["label"], "method": method,
+               "scores": {task: round(value, 2) for task, value in scores.items()}, "command": command,
+               "hardware": hardware(), "wall_seconds": round(seconds, 1)}
         for run_dir in runs:
             summary = json.loads((run_dir / "train_summary.json").read_text())
             config = json.loads((run_dir / "config.json").read_text())
             stage = config["stage"]
             row[stage] = {"run_dir": str(run_dir), "steps": summary["steps"], "seconds": summary["seconds"],
-                          "world_size": summary["world_size"], "best_stsb_dev": summary.get("best_dev"),
+                          "world_size": summary["world_size"], "best_stsb_dev": _rounded(summary.get("best_dev")),
                           "lr": config["lr"], "batch_size_per_rank": config["batch_size"], "epochs": config["epochs"]}
             if stage == "distill":
                 row[stage].update(sentences=json.loads((Path(config["shards"]) / "index.json").read_text())["total"],
                                   loss=config["loss"], queue_size=config["queue_size"],
-                                  final_logit_scale=summary.get("logit_scale"))
+                                  final_logit_scale=_rounded(summary.get("logit_scale")))
             else:
-                row[stage].update(final_temperature=summary.get("temperature"), triplets_max=config["max_triplets"])
+                row[stage].update(final_temperature=_rounded(summary.get("temperature"), 4),
+                                  triplets_max=config["max_triplets"])
         return row
+
+
+def _rounded(value, digits=2):
+    return None if value is None else round(value, digits)
 
 
 def merge_result_row(path: Path, row: dict) -> None:
@@ -199,3 +209,68 @@ def merge_speed_rows(path: Path, rows: list) -> None:
     students = {r["student"] for r in rows}
     speed = [r for r in content.get("speed", []) if r["student"] not in students] + rows
     write_json_atomic(path, {**content, "speed": sorted(speed, key=lambda r: (r["student"], r["batch_size"]))})
+
+
+TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R")
+METHOD_NAMES = {"init": "initialisation", "mse": "MSE-KD", "ckd": "CKD", "disco": "CKD + FT (DisCo)",
+                "mse+ft": "MSE-KD + FT", "ft": "FT only"}
+
+
+def targets(rows: list) -> list:
+    """The issue's targets, each as (what, value, goal, met), from whichever rows exist: S1 DisCo within 0.5 of
+    the teacher's average, S2 DisCo 2.0 above its initialisation, S3 DisCo at 78.0; CKD at least MSE-KD
+    (with and without fine-tuning after it); fine-tuning never lowering the average it started from."""
+    avg = {(r["student"], r["method"]): r["scores"]["avg"] for r in rows}
+    checks = []
+
+    def check(what, key, goal_text, goal):
+        if key in avg and goal is not None:
+            checks.append((what, avg[key], goal_text, avg[key] >= goal))
+
+    teacher = avg.get(("teacher", "init"))
+    check("S1 DisCo ≥ teacher avg − 0.5", ("S1", "disco"), f"≥ {teacher} − 0.5",
+          None if teacher is None else round(teacher - 0.5, 2))
+    s2_init = avg.get(("S2", "init"))
+    check("S2 DisCo ≥ its init + 2.0", ("S2", "disco"), f"≥ {s2_init} + 2.0",
+          None if s2_init is None else round(s2_init + 2.0, 2))
+    check("S3 DisCo ≥ 78.0", ("S3", "disco"), "≥ 78.0", 78.0)
+    for student in ("S1", "S2", "S3"):
+        for better, worse in (("ckd", "mse"), ("disco", "mse+ft"), ("ft", "init"), ("mse+ft", "mse"),
+                              ("disco", "ckd")):
+            text = f"{student} {METHOD_NAMES[better]} ≥ {METHOD_NAMES[worse]}"
+            check(text, (student, better), f"≥ {avg.get((student, worse))}", avg.get((student, worse)))
+    return checks
+
+
+def _minutes(seconds) -> str:
+    return "" if seconds is None else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def results_markdown(content: dict) -> str:
+    """docs/results.json as the tables of docs/results.md: scores with each run's steps, wall time and final
+    logit scale; the targets met or missed; encoding speed relative to the teacher."""
+    rows = content["rows"]
+    init_avg = {r["student"]: r["scores"]["avg"] for r in rows if r["method"] == "init"}
+    lines = ["| student | method | " + " | ".join(TASKS) + " | avg | Δ init | stage-1 steps, time, final scale "
+             "| FT steps, time | row wall time | command |", "|" + "---|" * (len(TASKS) + 8)]
+    for r in rows:
+        delta = r["scores"]["avg"] - init_avg[r["student"]] if r["student"] in init_avg else None
+        distill, finetune = r.get("distill"), r.get("finetune")
+        stage1 = (f"{distill['steps']}, {distill['seconds'] / 60:.0f} min, {distill['final_logit_scale']:.2f}"
+                  if distill and distill.get("final_logit_scale") is not None
+                  else f"{distill['steps']}, {distill['seconds'] / 60:.0f} min" if distill else "")
+        ft = f"{finetune['steps']}, {finetune['seconds'] / 60:.0f} min" if finetune else ""
+        name = "teacher" if r["student"] == "teacher" else f"{r['student']}: {r['model']}"
+        lines.append(f"| {name} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                     + " | ".join(f"{r['scores'][t]:.2f}" for t in TASKS)
+                     + f" | **{r['scores']['avg']:.2f}** | {'' if delta is None else f'{delta:+.2f}'} | {stage1} "
+                       f"| {ft} | {_minutes(r.get('wall_seconds', r.get('seconds')))} | `{r['command']}` |")
+    lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {what} | {value:.2f} | {goal} | {'yes' if met else '**no**'} |"
+              for what, value, goal, met in targets(rows)]
+    if content.get("speed"):
+        lines += ["", "| student | batch | max length | student sent/s | teacher sent/s | speed-up | command |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['student']} | {s['batch_size']} | {s['max_length']} | {s['student_sentences_per_s']} | "
+                  f"{s['teacher_sentences_per_s']} | {s['speedup']}x | `{s['command']}` |" for s in content["speed"]]
+    return "\n".join(lines) + "\n"

@@ -5,20 +5,22 @@ docs/results.json. Recipes (student and flags) are the JSON files in launchers/r
     python launchers/reproduce.py S2 disco        # CKD (reused if done), then NLI fine-tuning
     python launchers/reproduce.py S1 ft           # NLI fine-tuning from the initialisation only
     python launchers/reproduce.py S3 speed        # encoding speed against the teacher at batch 1 and 128
+    python launchers/reproduce.py --table         # docs/results.json as markdown tables, targets met or missed
 
 Methods: init, mse, ckd, disco, mse+ft, ft, speed. Runs go to <run-root>/<student>/ and are skipped when
 done or resumed when cut short, so a long row can be run in parts. Choices are made on STS-B dev only.
 """
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from disco_dist.config import Parser  # noqa: E402
-from disco_dist.errors import exit_on_user_error  # noqa: E402
+from disco_dist.errors import UserError, exit_on_user_error  # noqa: E402
 from disco_dist.recipes import (METHODS, Reproduction, encode_speed, load_recipe, merge_result_row,  # noqa: E402
-                                merge_speed_rows)
+                                merge_speed_rows, results_markdown)
 
 DEFAULT_SHARDS = Path("runs") / "issue5" / "shards-100k-mpnet"
 
@@ -27,8 +29,9 @@ DEFAULT_SHARDS = Path("runs") / "issue5" / "shards-100k-mpnet"
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("student", help="recipe name (S1, S2, S3) or a recipe JSON file")
-    parser.add_argument("method", choices=[*METHODS, "speed"])
+    parser.add_argument("student", nargs="?", help="recipe name (S1, S2, S3) or a recipe JSON file")
+    parser.add_argument("method", nargs="?", choices=[*METHODS, "speed"])
+    parser.add_argument("--table", action="store_true", help="print the results file as markdown tables and exit")
     parser.add_argument("--shards", type=Path, default=DEFAULT_SHARDS,
                         help=f"teacher-cached shards for stage 1 (default {DEFAULT_SHARDS})")
     parser.add_argument("--run-root", type=Path, default=Path("runs") / "reproduce")
@@ -36,6 +39,13 @@ def main(argv=None):
     parser.add_argument("--teacher", default="all-mpnet-base-v2", help="for the speed comparison")
     parser.add_argument("--results", type=Path, default=Path("docs") / "results.json")
     args = parser.parse_args(argv)
+    if args.table:
+        if not args.results.is_file():
+            raise UserError(f"{args.results}: no results file yet; run a row first")
+        print(results_markdown(json.loads(args.results.read_text())), end="")
+        return
+    if not (args.student and args.method):
+        parser.error("give a student and a method (e.g. `S2 ckd`), or --table")
     recipe = load_recipe(args.student)
     command = "python launchers/reproduce.py " + shlex.join(argv)
     if args.method == "speed":

@@ -1,0 +1,57 @@
+"""Recipes and the results table of the reproduction: every recipe parses as the launchers' flags, rows are
+replaced rather than duplicated, and the targets are judged from the rows, missed ones marked."""
+import json
+
+import pytest
+
+from disco_dist.config import distill_parser, finetune_parser
+from disco_dist.errors import UserError
+from disco_dist.recipes import RECIPES, flags, load_recipe, merge_result_row, results_markdown, targets
+
+TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R")
+
+
+def row(student, method, avg, **extra):
+    return {"model": f"model {student}", "student": student, "method": method,
+            "scores": {**{t: avg for t in TASKS}, "avg": avg}, "command": f"cmd {student} {method}", **extra}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.json")))
+def test_every_recipe_is_valid_launcher_flags(name):
+    recipe = load_recipe(name)
+    keep = ["--keep-layers", *map(str, recipe["keep_layers"])] if recipe.get("keep_layers") else []
+    distill = distill_parser().parse_args(["--student", recipe["student"], *keep,
+                                           *map(str, flags(recipe["distill"]))])
+    assert distill.batch_size == recipe["distill"]["batch_size"] and distill.select == "best"
+    finetune = finetune_parser().parse_args(["--student", "x", *map(str, flags(recipe["finetune"]))])
+    assert finetune.lr == recipe["finetune"]["lr"]
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(UserError, match="known recipes: S1, S2, S3"):
+        load_recipe("S9")
+
+
+def test_a_rerun_row_replaces_the_old_one_in_table_order(tmp_path):
+    path = tmp_path / "results.json"
+    for r in (row("S2", "ckd", 75.0), row("teacher", "init", 80.0), row("S2", "init", 73.9), row("S2", "ckd", 76.0)):
+        merge_result_row(path, r)
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["student"], r["method"], r["scores"]["avg"]) for r in rows] == [
+        ("teacher", "init", 80.0), ("S2", "init", 73.9), ("S2", "ckd", 76.0)]
+
+
+def test_targets_are_judged_from_the_rows_and_misses_marked():
+    rows = [row("teacher", "init", 80.53), row("S1", "init", 78.87), row("S1", "disco", 80.0),
+            row("S2", "init", 73.9), row("S2", "mse", 76.0), row("S2", "ckd", 75.5), row("S2", "disco", 76.2),
+            row("S3", "disco", 77.9)]
+    checks = {what: (value, met) for what, value, _, met in targets(rows)}
+    assert checks["S1 DisCo ≥ teacher avg − 0.5"] == (80.0, False)  # 80.03 needed
+    assert checks["S2 DisCo ≥ its init + 2.0"] == (76.2, True)
+    assert checks["S3 DisCo ≥ 78.0"] == (77.9, False)
+    assert checks["S2 CKD ≥ MSE-KD"] == (75.5, False)
+    assert checks["S2 CKD + FT (DisCo) ≥ CKD"] == (76.2, True)
+    assert "S1 CKD ≥ MSE-KD" not in checks  # no rows, no verdict
+    table = results_markdown({"rows": rows})
+    assert "| S2 CKD ≥ MSE-KD | 75.50 | ≥ 76.0 | **no** |" in table
+    assert "| S2: model S2 | MSE-KD | 76.00" in table and "+2.10" in table
