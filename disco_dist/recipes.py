@@ -228,17 +228,18 @@ def targets(rows: list) -> list:
             checks.append((what, avg[key], goal_text, avg[key] >= goal))
 
     teacher = avg.get(("teacher", "init"))
-    check("S1 DisCo ≥ teacher avg − 0.5", ("S1", "disco"), f"≥ {teacher} − 0.5",
+    check("S1 DisCo ≥ teacher avg − 0.5", ("S1", "disco"), f"≥ {teacher:.2f} − 0.5" if teacher else "",
           None if teacher is None else round(teacher - 0.5, 2))
     s2_init = avg.get(("S2", "init"))
-    check("S2 DisCo ≥ its init + 2.0", ("S2", "disco"), f"≥ {s2_init} + 2.0",
+    check("S2 DisCo ≥ its init + 2.0", ("S2", "disco"), f"≥ {s2_init:.2f} + 2.0" if s2_init else "",
           None if s2_init is None else round(s2_init + 2.0, 2))
     check("S3 DisCo ≥ 78.0", ("S3", "disco"), "≥ 78.0", 78.0)
     for student in ("S1", "S2", "S3"):
         for better, worse in (("ckd", "mse"), ("disco", "mse+ft"), ("ft", "init"), ("mse+ft", "mse"),
                               ("disco", "ckd")):
             text = f"{student} {METHOD_NAMES[better]} ≥ {METHOD_NAMES[worse]}"
-            check(text, (student, better), f"≥ {avg.get((student, worse))}", avg.get((student, worse)))
+            worse_avg = avg.get((student, worse))
+            check(text, (student, better), f"≥ {worse_avg:.2f}" if worse_avg else "", worse_avg)
     return checks
 
 

@@ -53,5 +53,5 @@ def test_targets_are_judged_from_the_rows_and_misses_marked():
     assert checks["S2 CKD + FT (DisCo) ≥ CKD"] == (76.2, True)
     assert "S1 CKD ≥ MSE-KD" not in checks  # no rows, no verdict
     table = results_markdown({"rows": rows})
-    assert "| S2 CKD ≥ MSE-KD | 75.50 | ≥ 76.0 | **no** |" in table
+    assert "| S2 CKD ≥ MSE-KD | 75.50 | ≥ 76.00 | **no** |" in table
     assert "| S2: model S2 | MSE-KD | 76.00" in table and "+2.10" in table
