@@ -266,6 +266,17 @@ def results_markdown(content: dict) -> str:
                      + " | ".join(f"{r['scores'][t]:.2f}" for t in TASKS)
                      + f" | **{r['scores']['avg']:.2f}** | {'' if delta is None else f'{delta:+.2f}'} | {stage1} "
                        f"| {ft} | {_minutes(r.get('wall_seconds', r.get('seconds')))} | `{r['command']}` |")
+    lines += ["", "| run folder | stage | loss | lr | global batch | steps | data | best STS-B dev | final scale "
+              "or temperature | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = {run["run_dir"]: (stage, run) for r in rows for stage in ("distill", "finetune") if (run := r.get(stage))}
+    for run_dir, (stage, run) in runs.items():
+        distill = stage == "distill"
+        data = f"{run['sentences']:,} sentences" if distill else "all NLI triplets" if not run["triplets_max"] \
+            else f"{run['triplets_max']:,} triplets"
+        final = run["final_logit_scale"] if distill else run["final_temperature"]
+        lines.append(f"| `{run_dir}` | {stage} | {run['loss'] if distill else 'sup_contrastive'} | {run['lr']} | "
+                     f"{run['batch_size_per_rank'] * run['world_size']} | {run['steps']} | {data} | "
+                     f"{run['best_stsb_dev']} | {final} | {_minutes(run['seconds'])} |")
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {what} | {value:.2f} | {goal} | {'yes' if met else '**no**'} |"
               for what, value, goal, met in targets(rows)]

@@ -55,3 +55,18 @@ def test_targets_are_judged_from_the_rows_and_misses_marked():
     table = results_markdown({"rows": rows})
     assert "| S2 CKD ≥ MSE-KD | 75.50 | ≥ 76.00 | **no** |" in table
     assert "| S2: model S2 | MSE-KD | 76.00" in table and "+2.10" in table
+
+
+def test_a_run_shared_by_two_rows_is_listed_once_with_its_record():
+    distill = {"run_dir": "runs/S2/distill-ckd", "steps": 781, "seconds": 1708.3, "world_size": 2, "best_stsb_dev": 84.34,
+               "lr": 2e-4, "batch_size_per_rank": 64, "epochs": 1.0, "sentences": 100000, "loss": "ckd",
+               "queue_size": 65536, "final_logit_scale": 21.71}
+    finetune = {"run_dir": "runs/S2/ft-after-ckd", "steps": 99, "seconds": 300.0, "world_size": 2,
+                "best_stsb_dev": 86.0, "lr": 5e-5, "batch_size_per_rank": 32, "epochs": 1.0,
+                "final_temperature": 0.05, "triplets_max": 0}
+    table = results_markdown({"rows": [row("S2", "init", 73.9), row("S2", "ckd", 77.36, distill=distill),
+                                       row("S2", "disco", 78.0, distill=distill, finetune=finetune)]})
+    assert table.count("| `runs/S2/distill-ckd` | distill | ckd | 0.0002 | 128 | 781 | 100,000 sentences | 84.34 | "
+                       "21.71 | 28 min |") == 1
+    assert "| `runs/S2/ft-after-ckd` | finetune | sup_contrastive | 5e-05 | 64 | 99 | all NLI triplets |" in table
+    assert "| 781, 28 min, 21.71 | 99, 5 min |" in table  # the DisCo row: both of its stages
