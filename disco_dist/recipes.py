@@ -274,6 +274,7 @@ def results_markdown(content: dict) -> str:
         data = f"{run['sentences']:,} sentences" if distill else "all NLI triplets" if not run["triplets_max"] \
             else f"{run['triplets_max']:,} triplets"
         final = run["final_logit_scale"] if distill else run["final_temperature"]
+        final = "–" if final is None else final  # MSE-KD has no scale
         lines.append(f"| `{run_dir}` | {stage} | {run['loss'] if distill else 'sup_contrastive'} | {run['lr']} | "
                      f"{run['batch_size_per_rank'] * run['world_size']} | {run['steps']} | {data} | "
                      f"{run['best_stsb_dev']} | {final} | {_minutes(run['seconds'])} |")
