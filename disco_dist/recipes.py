@@ -136,14 +136,13 @@ class Reproduction:
         else:
             scored = self.root / "init" / "eval_sts.json"
             scores = evaluation(self.recipe["student"], scored, label, self.keep)
+        summaries = {run_dir: json.loads((run_dir / "train_summary.json").read_text()) for run_dir in runs}
         # the row's wall time from the records of its steps, so a re-run that finds them done does not change it
-        seconds = json.loads(scored.read_text())["seconds"] + sum(
-            json.loads((run_dir / "train_summary.json").read_text())["seconds"] for run_dir in runs)
+        seconds = json.loads(scored.read_text())["seconds"] + sum(s["seconds"] for s in summaries.values())
         row = {"model": self.recipe["name"], "student": self.recipe["label"], "method": method,
                "scores": {task: round(value, 2) for task, value in scores.items()}, "command": command,
                "hardware": hardware(), "wall_seconds": round(seconds, 1)}
-        for run_dir in runs:
-            summary = json.loads((run_dir / "train_summary.json").read_text())
+        for run_dir, summary in summaries.items():
             config = json.loads((run_dir / "config.json").read_text())
             stage = config["stage"]
             row[stage] = {"run_dir": str(run_dir), "steps": summary["steps"], "seconds": summary["seconds"],
