@@ -96,12 +96,14 @@ def train(args, stage_class) -> Path:
     stopwatch = Stopwatch()
     stopwatch.wrap(engine, "allreduce_gradients", "comm")  # the data-parallel gradient all-reduce
 
+    # seconds: training time of the earlier parts of a resumed run, so its summary reports the whole run's time
     state = {"step": 0, "epoch": 0, "batch": 0, "best_dev": None, "total_steps": total_steps, "skipped": 0,
-             "bad_in_a_row": 0}
+             "bad_in_a_row": 0, "seconds": 0.0}
     checkpoint = resolve_resume(args.resume, run_dir)
     if checkpoint is not None:
         saved, extra = load_checkpoint(engine, checkpoint)
-        state.update({k: saved.get(k, state[k]) for k in ("step", "epoch", "batch", "best_dev", "skipped", "bad_in_a_row")})
+        state.update({k: saved.get(k, state[k]) for k in ("step", "epoch", "batch", "best_dev", "skipped", "bad_in_a_row",
+                                                          "seconds")})
         stage.load_extra(extra)
         if env.is_main:
             print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})",
@@ -118,7 +120,13 @@ def train(args, stage_class) -> Path:
                   if args.sample_log else None)
     faults = InjectedFaults()
 
+    seconds_before = state["seconds"]
+
+    def run_seconds() -> float:
+        return round(seconds_before + metrics.elapsed(), 1)
+
     def checkpoint_now():
+        state["seconds"] = run_seconds()
         return save_checkpoint(engine, run_dir, state["step"], state, stage.extra(), args.keep_checkpoints)
 
     preemption = PreemptionSignal()
@@ -178,7 +186,7 @@ def train(args, stage_class) -> Path:
             "final_model": str(final), "world_size": env.world_size, "skipped_nonfinite_steps": state["skipped"],
             "skipped_bad_shards": getattr(stage, "skipped_shards", []),
             **stage.gauges(),
-            "seconds": round(metrics.elapsed(), 1)})
+            "seconds": run_seconds()})
         print(f"finished: {state['step']} steps; final model {final}", flush=True)
     metrics.close()
     if sample_log:

@@ -166,9 +166,16 @@ def test_finetune_two_ranks_keeps_best_and_resumes_exactly(setup, tmp_path):
 
     assert stsb_dev_spearman(Encoder.from_pretrained(full / "final")) == pytest.approx(summary["best_dev"], abs=1e-3)
 
+    # the resumed run's summary counts the training time of the part before the checkpoint too
+    state_file = full / "checkpoints" / "step-00000010" / "trainer_state.json"
+    saved_state = json.loads(state_file.read_text())
+    assert 0 < saved_state["seconds"] < summary["seconds"]
+    state_file.write_text(json.dumps({**saved_state, "seconds": 5000.0}))
     resumed = tmp_path / "resumed"
+    started = time.time()
     result = launch("finetune.py", finetune_args(student, resumed, "--resume", full / "checkpoints" / "step-00000010"))
     assert result.returncode == 0 and "at step 10" in result.stdout, result.stderr[-3000:]
+    assert 5000 < json.loads((resumed / "train_summary.json").read_text())["seconds"] < 5000 + time.time() - started
     again = scalars(resumed)
     for step in (15, 20):
         assert again["loss/sup_contrastive"][step] == pytest.approx(logged["loss/sup_contrastive"][step], rel=1e-5)
