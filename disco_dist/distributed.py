@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import RankError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -52,17 +54,37 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(name, str(value))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    # a lone process takes any free port, so that several single-process runs can share a machine
-    os.environ.setdefault("MASTER_PORT", str(_free_port() if env.world_size == 1 else 29500))
+    os.environ.setdefault("MASTER_PORT", str(_default_master_port(env.world_size)))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     deepspeed = import_deepspeed()
     if not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
-                                   world_size=env.world_size, distributed_port=int(os.environ["MASTER_PORT"]))
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
+                                       world_size=env.world_size, distributed_port=int(os.environ["MASTER_PORT"]))
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise RankError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in "
+                            "use by another process; set MASTER_PORT to a free port and rerun") from None
     return env
+
+
+def _default_master_port(world_size: int) -> int:
+    if world_size == 1:  # any free port, so that several single-process runs can share a machine
+        return _free_port()
+    if "SLURM_JOB_ID" in os.environ:  # srun's tasks: one port per job, so that jobs can share a node
+        return job_master_port(os.environ["SLURM_JOB_ID"])
+    return 29500
+
+
+def job_master_port(job_id: str) -> int:
+    """The rendezvous port that every rank of a SLURM job derives alike from the job id. It lies below
+    Linux's ephemeral range (32768-60999), from which the system hands out the ports of outgoing connections
+    and of gloo's own listeners: a port derived inside that range is now and then already taken."""
+    return 10000 + int(job_id.split("_")[0]) % 20000
 
 
 def _free_port() -> int:

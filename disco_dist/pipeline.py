@@ -5,6 +5,7 @@ cancels the rest). The training stages are `Checkpointable`: on the pre-timeout/
 rank checkpoints at a step boundary, then Submitit requeues the job, which resumes (`--resume auto`).
 """
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from .errors import UserError
 def _export_rank_environment(threads: int) -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT for this task, from Submitit's job environment."""
     if "RANK" not in os.environ:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from .distributed import job_master_port
+
+        # not Submitit's TorchDistributedEnvironment: its port is a random one in 20000-60000, where the
+        # system's own ports may hold it, and it refuses to run where the user has set MASTER_PORT
+        job = submitit.JobEnvironment()
+        os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+        os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+        os.environ.setdefault("MASTER_PORT", str(job_master_port(job.job_id)))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -105,6 +113,8 @@ def make_executor(folder: Path, local: bool, resources: Resources, name: str):
         params["gpus_per_node"] = resources.gpus_per_node
     if not local:
         params["slurm_signal_delay_s"] = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
+        # a task that fails ends the job at once, instead of its peers waiting out their rendezvous timeout
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if resources.partition:
             params["slurm_partition"] = resources.partition
     executor.update_parameters(**params)
@@ -160,7 +170,7 @@ def _first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line or line.startswith("error:")]
     line = (errors or lines or [type(err).__name__])[-1]
-    return line.split("UserError: ", 1)[-1]
+    return re.split(r"\b(?:User|Rank)Error: ", line, maxsplit=1)[-1]  # our errors' messages stand alone
 
 
 def _stderr_tail(job, lines: int = 15) -> str:

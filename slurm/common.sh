@@ -1,6 +1,7 @@
 # Sourced by the stage batch scripts (slurm/*.sbatch): one process per task started by srun, each told
 # its rank by SLURM (RANK <- SLURM_PROCID, WORLD_SIZE <- SLURM_NTASKS, LOCAL_RANK <- SLURM_LOCALID, read
-# by disco_dist.distributed), the master address from the job's first node, a port from the job id.
+# by disco_dist.distributed), the master address from the job's first node; disco_dist.distributed derives
+# the port from the job id (set MASTER_PORT to choose it).
 # Submit from the repository root (sbatch copies the script away, so its own path says nothing), or set
 # DISCO_REPO to it.
 REPO=${DISCO_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
@@ -13,7 +14,6 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3)
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # one rank per task: as many threads as CPUs SLURM gave the task, never the whole node's
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export TOKENIZERS_PARALLELISM=false

@@ -4,9 +4,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,9 +74,20 @@ def test_sbatch_ckd_two_tasks_completes(slurm_env, tiny, tmp_path):
     assert (run_dir / "finetune" / "final" / "model.safetensors").exists()
 
 
-def submit(args, env, timeout=900):
-    return subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=timeout)
+def submit(args, env, timeout=420):
+    """launchers/submit.py; if it outlives `timeout` (under pytest's own limit), the test fails with the
+    cluster's view and the jobs' logs, and its jobs are cancelled so that they cannot hold the node."""
+    try:
+        return subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *map(str, args)],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        jobs = [line.split()[-1] for line in out.splitlines() if line.startswith("submitted")]
+        queue = subprocess.run(["squeue", "-o", "%i %j %T %r"], capture_output=True, text=True, env=env).stdout
+        subprocess.run(["scancel", *jobs], env=env)
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        logs = "".join(f"--- {log}\n{log.read_text()[-1500:]}" for log in sorted(run_dir.glob("submitit/*/*.err")))
+        pytest.fail(f"submit.py still running after {timeout}s\n{out}\nsqueue:\n{queue}\n{logs}")
 
 
 def tiny_pipeline_args(root, student, teacher, corpus, run_dir):
@@ -104,12 +117,38 @@ def test_submit_pipeline_all_stages_complete_in_order(slurm_env, tiny, tmp_path)
 def test_submit_failing_stage_stops_the_chain_with_its_error(slurm_env, tiny, tmp_path):
     root, student, teacher, corpus = tiny
     args = tiny_pipeline_args(root, student, teacher, tmp_path / "no-such-corpus.txt", tmp_path / "broken")
-    result = submit(args, slurm_env, timeout=300)
+    result = submit(args, slurm_env, timeout=240)
     assert result.returncode == 2
     assert "stage shards" in result.stderr and "failed" in result.stderr
     assert "no-such-corpus.txt" in result.stderr  # the stage's own one-line error reaches the user
     later = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("submitted")][1:]
     assert later and all(sacct_state(j, slurm_env) in ("CANCELLED", "CANCELLED+") for j in later)
+
+
+def test_submit_taken_rendezvous_port_ends_the_job_with_one_line(slurm_env, tiny, tmp_path):
+    """A rank that cannot rendezvous ends its job at once (srun --kill-on-bad-exit) with a line naming the
+    port, instead of its peers waiting out the rendezvous timeout and the job its time limit."""
+    root, student, teacher, corpus = tiny
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.time()
+        result = submit(tiny_pipeline_args(root, student, teacher, corpus, tmp_path / "port"),
+                        {**slurm_env, "MASTER_PORT": str(port)}, timeout=240)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "stage cache" in result.stderr and f"rendezvous port {port}" in result.stderr, result.stderr[-2000:]
+    assert time.time() - started < 180  # not the 600 s rendezvous timeout
+
+
+def test_job_ports_lie_below_the_ephemeral_range():
+    """Ports the system hands out for passing connections must never collide with a job's rendezvous port."""
+    from disco_dist.distributed import job_master_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [job_master_port(str(job_id)) for job_id in range(1, 100_000, 7)] + [job_master_port("123_4")]
+    assert all(1024 < port < low for port in ports)
+    assert job_master_port("123_4") == job_master_port("123")  # an array's tasks share their job's port
 
 
 def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_path):
