@@ -279,9 +279,9 @@ class Benchmark:
     def _worker(self, name: str, spec: dict, ranks: int = 0) -> dict:
         script = [str(LAUNCHERS / "benchmark.py"), "--worker", name, "--spec", json.dumps(spec)]
         if ranks:
-            from .distributed import _free_port
+            from .distributed import free_port
 
-            return run_json([self.deepspeed, "--num_gpus", ranks, "--master_port", _free_port(), *script],
+            return run_json([self.deepspeed, "--num_gpus", ranks, "--master_port", free_port(), *script],
                             env={"OMP_NUM_THREADS": threads_per_rank(ranks)})
         return run_json([self.python, *script])
 
@@ -295,9 +295,9 @@ class Benchmark:
                 "--queue-size", self.s.queue_size, "--precision", self.s.precision, "--progress", "off",
                 "--teacher-mode", "cached"]
         if ranks:
-            from .distributed import _free_port
+            from .distributed import free_port
 
-            cmd = [self.deepspeed, "--num_gpus", ranks, "--master_port", _free_port(), LAUNCHERS / "distill.py", *args]
+            cmd = [self.deepspeed, "--num_gpus", ranks, "--master_port", free_port(), LAUNCHERS / "distill.py", *args]
             env = {"OMP_NUM_THREADS": threads_per_rank(ranks), **(env or {})}
         else:
             cmd = [self.python, LAUNCHERS / "distill.py", *args]

@@ -74,7 +74,7 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
 
 def _default_master_port(world_size: int) -> int:
     if world_size == 1:  # any free port, so that several single-process runs can share a machine
-        return _free_port()
+        return free_port()
     if "SLURM_JOB_ID" in os.environ:  # srun's tasks: one port per job, so that jobs can share a node
         return job_master_port(os.environ["SLURM_JOB_ID"])
     return 29500
@@ -87,7 +87,7 @@ def job_master_port(job_id: str) -> int:
     return 10000 + int(job_id.split("_")[0]) % 20000
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -32,7 +32,13 @@ NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return "
 def run_step(cmd: list, ranks: int | None = None, log=print) -> None:
     """Run one launcher (under the deepspeed launcher with `ranks` ranks), its output streamed, noise dropped."""
     python = sys.executable
-    cmd = [str(Path(python).parent / "deepspeed"), "--num_gpus", str(ranks), *cmd] if ranks else [python, *cmd]
+    if ranks:  # a free rendezvous port, so that a recipe can run beside other distributed runs
+        from .distributed import free_port
+
+        cmd = [str(Path(python).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               *cmd]
+    else:
+        cmd = [python, *cmd]
     log("\n$ " + " ".join(str(c) for c in cmd))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if ranks and "OMP_NUM_THREADS" not in os.environ:

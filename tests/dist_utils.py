@@ -1,17 +1,12 @@
 """Run a function on W gloo ranks spawned from pytest and collect what each rank returns."""
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from disco_dist.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_tiny_run_inputs
+from dist_utils import free_port
 from test_train import DEEPSPEED, scalars
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -155,7 +156,8 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_pa
     """What a requeue relies on: SIGUSR2 to the ranks -> all checkpoint the same step and stop; rerun resumes."""
     root, student, teacher, _ = tiny
     run_dir = tmp_path / "run"
-    args = [DEEPSPEED, "--num_gpus", "2", str(REPO / "launchers" / "distill.py"), "--shards", root / "shards",
+    args = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), str(REPO / "launchers" / "distill.py"),
+            "--shards", root / "shards",
             "--student", student, "--teacher", teacher, "--run-dir", run_dir, "--batch-size", 4, "--epochs", 50,
             "--queue-size", 32, "--log-every", 5, "--checkpoint-every", 0, "--head-init", "random", "--resume", "auto"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
