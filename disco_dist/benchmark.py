@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import REPO_ROOT
-from .distributed import threads_per_rank
+from .distributed import deepspeed_command, threads_per_rank
 
 LAUNCHERS = REPO_ROOT / "launchers"
 RESULT_PREFIX = "BENCHMARK_RESULT "
@@ -266,7 +266,6 @@ class Benchmark:
         self.work.mkdir(parents=True, exist_ok=True)
         self.device_name = "cpu" if settings.device == "cpu" else torch.cuda.get_device_name(0)
         self.python = sys.executable
-        self.deepspeed = str(Path(sys.executable).with_name("deepspeed"))
         self.rows, self.runs = [], 0
 
     # -- helpers
@@ -279,10 +278,7 @@ class Benchmark:
     def _worker(self, name: str, spec: dict, ranks: int = 0) -> dict:
         script = [str(LAUNCHERS / "benchmark.py"), "--worker", name, "--spec", json.dumps(spec)]
         if ranks:
-            from .distributed import free_port
-
-            return run_json([self.deepspeed, "--num_gpus", ranks, "--master_port", free_port(), *script],
-                            env={"OMP_NUM_THREADS": threads_per_rank(ranks)})
+            return run_json(deepspeed_command(ranks, *script), env={"OMP_NUM_THREADS": threads_per_rank(ranks)})
         return run_json([self.python, *script])
 
     def _distill(self, shards: Path, loss: str, steps: int, warmup: int, ranks: int = 0, env=None) -> float:
@@ -295,9 +291,7 @@ class Benchmark:
                 "--queue-size", self.s.queue_size, "--precision", self.s.precision, "--progress", "off",
                 "--teacher-mode", "cached"]
         if ranks:
-            from .distributed import free_port
-
-            cmd = [self.deepspeed, "--num_gpus", ranks, "--master_port", free_port(), LAUNCHERS / "distill.py", *args]
+            cmd = deepspeed_command(ranks, LAUNCHERS / "distill.py", *args)
             env = {"OMP_NUM_THREADS": threads_per_rank(ranks), **(env or {})}
         else:
             cmd = [self.python, LAUNCHERS / "distill.py", *args]

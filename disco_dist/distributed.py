@@ -6,7 +6,9 @@ from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`). CPU: gloo, fp32.
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -91,6 +93,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(ranks: int, *args) -> list[str]:
+    """The argv that starts `args` (a launcher and its flags) as `ranks` ranks under this environment's
+    deepspeed launcher, on a free rendezvous port so that it can run beside other distributed runs."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *map(str, args)]
 
 
 def import_deepspeed():

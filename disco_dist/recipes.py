@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .config import REPO_ROOT
-from .distributed import threads_per_rank
+from .distributed import deepspeed_command, threads_per_rank
 from .errors import UserError
 from .evaluate import TASKS, write_json_atomic
 
@@ -31,14 +31,7 @@ NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return "
 
 def run_step(cmd: list, ranks: int | None = None, log=print) -> None:
     """Run one launcher (under the deepspeed launcher with `ranks` ranks), its output streamed, noise dropped."""
-    python = sys.executable
-    if ranks:  # a free rendezvous port, so that a recipe can run beside other distributed runs
-        from .distributed import free_port
-
-        cmd = [str(Path(python).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               *cmd]
-    else:
-        cmd = [python, *cmd]
+    cmd = deepspeed_command(ranks, *cmd) if ranks else [sys.executable, *cmd]
     log("\n$ " + " ".join(str(c) for c in cmd))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if ranks and "OMP_NUM_THREADS" not in os.environ:

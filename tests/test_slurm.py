@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from disco_dist.distributed import deepspeed_command
+
 from conftest import REPO, build_tiny_run_inputs
-from dist_utils import free_port
-from test_train import DEEPSPEED, scalars
+from test_train import scalars
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
@@ -156,10 +157,10 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_pa
     """What a requeue relies on: SIGUSR2 to the ranks -> all checkpoint the same step and stop; rerun resumes."""
     root, student, teacher, _ = tiny
     run_dir = tmp_path / "run"
-    args = [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), str(REPO / "launchers" / "distill.py"),
-            "--shards", root / "shards",
-            "--student", student, "--teacher", teacher, "--run-dir", run_dir, "--batch-size", 4, "--epochs", 50,
-            "--queue-size", 32, "--log-every", 5, "--checkpoint-every", 0, "--head-init", "random", "--resume", "auto"]
+    args = deepspeed_command(2, REPO / "launchers" / "distill.py", "--shards", root / "shards", "--student", student,
+                             "--teacher", teacher, "--run-dir", run_dir, "--batch-size", 4, "--epochs", 50,
+                             "--queue-size", 32, "--log-every", 5, "--checkpoint-every", 0, "--head-init", "random",
+                             "--resume", "auto")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, cwd=REPO)

@@ -3,7 +3,6 @@ written, a resumed run follows the uninterrupted one exactly, TensorBoard holds 
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -11,18 +10,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from disco_dist.checkpoint import complete_checkpoints
+from disco_dist.distributed import deepspeed_command
 from disco_dist.encoder import Encoder
 from disco_dist.metrics import read_sample_logs
 
 from conftest import REPO, build_tiny_run_inputs
-from dist_utils import free_port
-
-DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
 def launch(script, args, ranks=2, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launchers" / script), *map(str, args)]
+    cmd = deepspeed_command(ranks, REPO / "launchers" / script, *args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     return result
 
