@@ -33,6 +33,9 @@ def _common(parser: Parser, stage: str) -> None:
     g.add_argument("--epochs", type=float, default=1, help="passes over the data (fractions allowed)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no cap)")
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--logit-scale-lr", type=float,
+                   help="learning rate of a learnable logit scale (stage 2: temperature), kept as its log "
+                   "(default: --lr, at which it barely moves in a run of ~1,000 steps)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--ds-config", type=Path, default=DS_CONFIGS / "student_zero0.json",
@@ -143,6 +146,14 @@ def check_common(args) -> None:
         raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.logit_scale_lr is not None and args.logit_scale_lr <= 0:
+        raise UserError(f"--logit-scale-lr must be positive, got {args.logit_scale_lr}")
+    if args.logit_scale_lr is not None:
+        if hasattr(args, "loss") and (args.loss != "ckd" or args.fixed_logit_scale):
+            raise UserError("--logit-scale-lr: this run learns no logit scale (it needs --loss ckd without "
+                            "--fixed-logit-scale); drop the flag")
+        if hasattr(args, "learnable_temperature") and not args.learnable_temperature:
+            raise UserError("--logit-scale-lr: this run learns no temperature; add --learnable-temperature or drop the flag")
     if args.select == "best" and args.eval_every <= 0:
         raise UserError("--select best needs --eval-every > 0 (the best is chosen by STS-B dev Spearman)")
     from .teacher import load_ds_config

@@ -89,7 +89,8 @@ def train(args, stage_class) -> Path:
     ds_config["gradient_clipping"] = args.grad_clip
     if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
         raise UserError(f"{args.ds_config}: the student is data-parallel; use ZeRO stage 0, 1 or 2")
-    optimizer = torch.optim.AdamW(param_groups(stage.student, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(param_groups(stage.student, args.weight_decay, args.logit_scale_lr), lr=args.lr,
+                                  betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, args.warmup_ratio))
     engine, *_ = distributed.import_deepspeed().initialize(model=stage.student, optimizer=optimizer,
                                                            lr_scheduler=schedule, config=ds_config)
@@ -300,11 +301,15 @@ class InjectedFaults:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """Weight decay on matrices only (not on biases, LayerNorm weights or the logit scale)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(model: Student, weight_decay: float, scale_lr: float | None = None) -> list:
+    """Weight decay on matrices only (not on biases, LayerNorm weights or the logit scale); the learnable
+    logit scale in a group of its own when it has its own learning rate (scale_lr; None: the optimizer's)."""
+    scale = list(model.scale.parameters()) if scale_lr is not None and model.scale is not None else []
+    own = {id(p) for p in scale}
+    trained = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    return groups + ([{"params": scale, "weight_decay": 0.0, "lr": scale_lr}] if scale else [])
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):

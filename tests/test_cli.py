@@ -57,6 +57,9 @@ def test_bad_flag_values_and_combinations(tmp_path):
     assert_one_line(run("distill.py", "--loss", "l1"), "--loss")
     assert_one_line(run("finetune.py", "--select", "best", "--eval-every", 0), "--select best")
     assert_one_line(run("distill.py", "--ds-config", tmp_path / "x.json"), "x.json")
+    assert_one_line(run("distill.py", "--logit-scale-lr", 0), "--logit-scale-lr must be positive")
+    assert_one_line(run("distill.py", "--loss", "mse", "--logit-scale-lr", 0.01), "learns no logit scale")
+    assert_one_line(run("finetune.py", "--logit-scale-lr", 0.01), "--learnable-temperature")
 
 
 def test_config_file_keys_and_precedence(tmp_path):

@@ -1,6 +1,7 @@
 """End to end on 2 CPU ranks through the deepspeed launcher: loss falls, checkpoints and a final model are
 written, a resumed run follows the uninterrupted one exactly, TensorBoard holds the scalars."""
 import json
+import math
 import os
 import subprocess
 import time
@@ -45,7 +46,7 @@ def distill_args(root, student, teacher, run_dir, *extra):
     return ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--run-dir", run_dir,
             "--batch-size", 16, "--teacher-batch-size", 64, "--max-steps", 30, "--log-every", 5,
             "--checkpoint-every", 10, "--keep-checkpoints", 5, "--queue-size", 128, "--lr", 1e-3,
-            "--head-init", "random", *extra]
+            "--logit-scale-lr", 0.05, "--head-init", "random", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,8 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
                 "throughput/sentences_per_s", "throughput/tokens_per_s", "time/teacher_share", "time/comm_share"):
         assert set(logged[tag]) == {5, 10, 15, 20, 25, 30}, tag
     assert logged["train/queue_fill"][30] == 1.0  # 128 slots, 32 teacher embeddings per step
+    # the scale has its own learning rate: at --lr 1e-3 its log could move at most ~0.03 from e in 30 steps
+    assert max(abs(math.log(s / math.e)) for s in logged["train/logit_scale"].values()) > 0.15, logged["train/logit_scale"]
 
     # resume from step 20 into a fresh folder: the same losses at 25 and 30, the same final weights
     resumed = tmp_path / "resumed"
