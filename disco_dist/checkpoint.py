@@ -82,7 +82,9 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
                         "free space and rerun with --resume auto") from None
     distributed.barrier()  # every rank's files are on disk
     if distributed.rank() == 0:
-        (partial / "COMPLETE").write_text(json.dumps({"step": step, "world_size": distributed.world_size()}) + "\n")
+        marker = {"step": step, "world_size": distributed.world_size(),
+                  "optimizer_groups": len(engine.optimizer.param_groups)}
+        (partial / "COMPLETE").write_text(json.dumps(marker) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -133,6 +135,10 @@ def load_checkpoint(engine, path: Path) -> tuple:
     if marker["world_size"] != distributed.world_size():
         raise UserError(f"{path} was written by {marker['world_size']} ranks, this run has {distributed.world_size()}: "
                         "the data order and optimizer partitions depend on it; resume with the same number of ranks")
+    groups = len(engine.optimizer.param_groups)
+    if marker.get("optimizer_groups", groups) != groups:  # e.g. --logit-scale-lr added or dropped since
+        raise UserError(f"{path} was written with {marker['optimizer_groups']} optimizer parameter groups, this run has "
+                        f"{groups}: resume with the run's own --logit-scale-lr setting (see its config.json)")
     engine.load_checkpoint(str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True,
                            load_lr_scheduler_states=True)
     set_rng_state(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=True))

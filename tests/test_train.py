@@ -94,6 +94,12 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
                                                full / "checkpoints" / "step-00000020"), ranks=1)
     assert result.returncode == 2 and "written by 2 ranks, this run has 1" in result.stderr, result.stderr[-2000:]
 
+    # the scale's own optimizer group dropped on resume: refused in one line, not a deep optimizer traceback
+    args = distill_args(root, student, teacher, tmp_path / "no-scale-lr", "--resume", full / "checkpoints" / "step-00000020")
+    del args[args.index("--logit-scale-lr"):args.index("--logit-scale-lr") + 2]
+    result = launch("distill.py", args)
+    assert result.returncode == 2 and "resume with the run's own --logit-scale-lr" in result.stderr, result.stderr[-2000:]
+
 
 def assert_same_weights(run_a, run_b):
     for a, b in zip(Encoder.from_pretrained(run_a / "final").parameters(), Encoder.from_pretrained(run_b / "final").parameters()):
