@@ -146,9 +146,9 @@ def check_common(args) -> None:
         raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.logit_scale_lr is not None and args.logit_scale_lr <= 0:
-        raise UserError(f"--logit-scale-lr must be positive, got {args.logit_scale_lr}")
     if args.logit_scale_lr is not None:
+        if args.logit_scale_lr <= 0:
+            raise UserError(f"--logit-scale-lr must be positive, got {args.logit_scale_lr}")
         if hasattr(args, "loss") and (args.loss != "ckd" or args.fixed_logit_scale):
             raise UserError("--logit-scale-lr: this run learns no logit scale (it needs --loss ckd without "
                             "--fixed-logit-scale); drop the flag")
