@@ -64,13 +64,22 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def load_recipe(name: str) -> dict:
+def load_recipe(name: str, _seen=()) -> dict:
+    """A recipe by name or path. A variant names a `base` recipe and only the flags it changes; its runs get a
+    folder of their own (its label) while its rows stay under the base's student, marked with the variant."""
     path = Path(name) if name.endswith(".json") else RECIPES / f"{name}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.json")))
         raise UserError(f"recipe {name}: no file {path}; known recipes: {known}")
+    if path.resolve() in _seen:
+        raise UserError(f"recipe {_seen[0]}: its chain of bases comes back to {path}; give it a base without one")
     recipe = json.loads(path.read_text())
     recipe.setdefault("label", path.stem)
+    if "base" in recipe:
+        base = load_recipe(recipe["base"], (*_seen, path.resolve()))
+        recipe = {**base, **recipe, "variant": recipe["label"], "student_label": base["student_label"],
+                  **{stage: {**base[stage], **recipe.get(stage, {})} for stage in ("distill", "finetune")}}
+    recipe.setdefault("student_label", recipe["label"])
     return recipe
 
 
@@ -138,9 +147,11 @@ class Reproduction:
         summaries = {run_dir: json.loads((run_dir / "train_summary.json").read_text()) for run_dir in runs}
         # the row's wall time from the records of its steps, so a re-run that finds them done does not change it
         seconds = json.loads(scored.read_text())["seconds"] + sum(s["seconds"] for s in summaries.values())
-        row = {"model": self.recipe["name"], "student": self.recipe["label"], "method": method,
+        row = {"model": self.recipe["name"], "student": self.recipe["student_label"], "method": method,
                "scores": {task: round(value, 2) for task, value in scores.items()}, "command": command,
                "hardware": hardware(), "wall_seconds": round(seconds, 1)}
+        if "variant" in self.recipe:
+            row["variant"] = self.recipe["variant"]
         for run_dir, summary in summaries.items():
             config = json.loads((run_dir / "config.json").read_text())
             stage = config["stage"]
@@ -162,12 +173,17 @@ def _rounded(value, digits=2):
 
 
 def merge_result_row(path: Path, row: dict) -> None:
-    """Put `row` into docs/results.json, replacing the row of the same student and method."""
+    """Put `row` into docs/results.json, replacing the row of the same student, method and variant; a variant's
+    row follows the recipe's own row of that method."""
+    def key(r):
+        return r["student"], r["method"], r.get("variant", "")
+
     content = json.loads(Path(path).read_text()) if Path(path).is_file() else {"rows": []}
-    rows = [r for r in content["rows"] if (r["student"], r["method"]) != (row["student"], row["method"])]
+    rows = [r for r in content["rows"] if key(r) != key(row)]
     order = {name: i for i, name in enumerate(("teacher", "S1", "S2", "S3"))}
     rows.append(row)
-    rows.sort(key=lambda r: (order.get(r["student"], 9), METHODS.index(r["method"]) if r["method"] in METHODS else 9))
+    rows.sort(key=lambda r: (order.get(r["student"], 9), METHODS.index(r["method"]) if r["method"] in METHODS else 9,
+                             r.get("variant", "")))
     write_json_atomic(path, {**content, "rows": rows})
 
 
@@ -216,8 +232,9 @@ METHOD_NAMES = {"init": "initialisation", "mse": "MSE-KD", "ckd": "CKD", "disco"
 def targets(rows: list) -> list:
     """The issue's targets, each as (what, value, goal, met), from whichever rows exist: S1 DisCo within 0.5 of
     the teacher's average, S2 DisCo 2.0 above its initialisation, S3 DisCo at 78.0; CKD at least MSE-KD
-    (with and without fine-tuning after it); fine-tuning never lowering the average it started from."""
-    avg = {(r["student"], r["method"]): r["scores"]["avg"] for r in rows}
+    (with and without fine-tuning after it); fine-tuning never lowering the average it started from. Judged on
+    the recipes' own rows: a variant's row is shown beside them, never counted for them."""
+    avg = {(r["student"], r["method"]): r["scores"]["avg"] for r in rows if "variant" not in r}
     checks = []
 
     def check(what, key, base, margin=0.0):
@@ -245,7 +262,7 @@ def results_markdown(content: dict) -> str:
     """docs/results.json as the tables of docs/results.md: scores with each run's steps, wall time and final
     logit scale; the targets met or missed; encoding speed relative to the teacher."""
     rows = content["rows"]
-    init_avg = {r["student"]: r["scores"]["avg"] for r in rows if r["method"] == "init"}
+    init_avg = {r["student"]: r["scores"]["avg"] for r in rows if r["method"] == "init" and "variant" not in r}
     lines = ["| student | method | " + " | ".join(TASKS) + " | avg | Δ init | stage-1 steps, time, final scale "
              "| FT steps, time | row wall time | command |", "|" + "---|" * (len(TASKS) + 8)]
     for r in rows:
@@ -256,7 +273,8 @@ def results_markdown(content: dict) -> str:
             stage1 += f", {distill['final_logit_scale']:.2f}"
         ft = f"{finetune['steps']}, {_minutes(finetune['seconds'])}" if finetune else ""
         name = "teacher" if r["student"] == "teacher" else f"{r['student']}: {r['model']}"
-        lines.append(f"| {name} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+        method = METHOD_NAMES.get(r["method"], r["method"]) + (f" (variant {r['variant']})" if "variant" in r else "")
+        lines.append(f"| {name} | {method} | "
                      + " | ".join(f"{r['scores'][t]:.2f}" for t in TASKS)
                      + f" | **{r['scores']['avg']:.2f}** | {'' if delta is None else f'{delta:+.2f}'} | {stage1} "
                        f"| {ft} | {_minutes(r.get('wall_seconds', r.get('seconds')))} | `{r['command']}` |")

@@ -5,6 +5,7 @@ docs/results.json. Recipes (student and flags) are the JSON files in launchers/r
     python launchers/reproduce.py S2 disco        # CKD (reused if done), then NLI fine-tuning
     python launchers/reproduce.py S1 ft           # NLI fine-tuning from the initialisation only
     python launchers/reproduce.py S3 speed        # encoding speed against the teacher at batch 1 and 128
+    python launchers/reproduce.py S3-scale10 ckd  # a variant recipe: S3 with the flags S3-scale10.json changes
     python launchers/reproduce.py --table         # docs/results.json as markdown tables, targets met or missed
 
 Methods: init, mse, ckd, disco, mse+ft, ft, speed. Runs go to <run-root>/<student>/ and are skipped when
@@ -29,7 +30,8 @@ DEFAULT_SHARDS = Path("runs") / "issue5" / "shards-100k-mpnet"
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("student", nargs="?", help="recipe name (S1, S2, S3) or a recipe JSON file")
+    parser.add_argument("student", nargs="?",
+                        help="recipe name (S1, S2, S3, or a variant such as S3-scale10) or a recipe JSON file")
     parser.add_argument("method", nargs="?", choices=[*METHODS, "speed"])
     parser.add_argument("--table", action="store_true", help="print the results file as markdown tables and exit")
     parser.add_argument("--shards", type=Path, default=DEFAULT_SHARDS,

@@ -32,6 +32,38 @@ def test_unknown_recipe_names_the_known_ones():
         load_recipe("S9")
 
 
+def test_a_variant_recipe_changes_only_the_flags_it_names():
+    base, variant = load_recipe("S3"), load_recipe("S3-scale10")
+    assert (variant["label"], variant["student_label"], variant["variant"]) == ("S3-scale10", "S3", "S3-scale10")
+    changed = {k for k in base["distill"].keys() | variant["distill"].keys()
+               if base["distill"].get(k) != variant["distill"].get(k)}
+    assert changed == {"logit_scale", "fixed_logit_scale"} and variant["finetune"] == base["finetune"]
+    assert variant["keep_layers"] == base["keep_layers"] and variant["student"] == base["student"]
+    args = distill_parser().parse_args(["--student", "x", *map(str, flags(variant["distill"]))])
+    assert args.logit_scale == 10 and args.fixed_logit_scale and args.lr == base["distill"]["lr"]
+
+
+def test_a_recipe_whose_bases_loop_is_one_clear_error(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"base": str(tmp_path / "b.json")}))
+    (tmp_path / "b.json").write_text(json.dumps({"base": str(tmp_path / "a.json")}))
+    with pytest.raises(UserError, match="chain of bases comes back"):
+        load_recipe(str(tmp_path / "a.json"))
+
+
+def test_a_variant_row_sits_beside_the_recipe_row_and_is_not_judged(tmp_path):
+    path = tmp_path / "results.json"
+    for r in (row("S3", "init", 51.5), row("S3", "mse", 78.86), row("S3", "ckd", 79.1, variant="S3-scale10"),
+              row("S3", "ckd", 78.78), row("S3", "disco", 80.47)):
+        merge_result_row(path, r)
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["method"], r.get("variant")) for r in rows] == [
+        ("init", None), ("mse", None), ("ckd", None), ("ckd", "S3-scale10"), ("disco", None)]
+    checks = {what: (value, met) for what, value, _, met in targets(rows)}
+    assert checks["S3 CKD ≥ MSE-KD"] == (78.78, False)  # the recipe's own row, not the variant's 79.1
+    table = results_markdown({"rows": rows})
+    assert "| S3: model S3 | CKD (variant S3-scale10) | 79.10" in table and "| **79.10** | +27.60 |" in table
+
+
 def test_a_rerun_row_replaces_the_old_one_in_table_order(tmp_path):
     path = tmp_path / "results.json"
     for r in (row("S2", "ckd", 75.0), row("teacher", "init", 80.0), row("S2", "init", 73.9), row("S2", "ckd", 76.0)):
