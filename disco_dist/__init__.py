@@ -1,2 +1,3 @@
 """disco-dist: distributed DisCo (Distill-Contrast) sentence-embedding distillation."""
+
 __version__ = "0.1.0"

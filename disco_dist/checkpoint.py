@@ -5,6 +5,7 @@ Layout: <run>/checkpoints/step-00000100/ with engine/ (DeepSpeed's files), train
 written into a `.step-00000100.partial` folder first and renamed once every rank has finished, so a
 checkpoint folder without the `.partial` name is whole; `latest_checkpoint` looks at those alone.
 """
+
 import json
 import os
 import random
@@ -30,7 +31,9 @@ def complete_checkpoints(run_dir) -> list:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "COMPLETE").is_file()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "COMPLETE").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -77,13 +80,18 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         # this rank stops here; the launcher (deepspeed, or srun --kill-on-bad-exit) ends the others
-        raise RankError(f"could not write checkpoint {final.name} ({err}); the unfinished folder {partial.name} is "
-                        f"never resumed from, {latest_checkpoint(run_dir) or 'no earlier checkpoint'} is intact; "
-                        "free space and rerun with --resume auto") from None
+        raise RankError(
+            f"could not write checkpoint {final.name} ({err}); the unfinished folder {partial.name} is "
+            f"never resumed from, {latest_checkpoint(run_dir) or 'no earlier checkpoint'} is intact; "
+            "free space and rerun with --resume auto"
+        ) from None
     distributed.barrier()  # every rank's files are on disk
     if distributed.rank() == 0:
-        marker = {"step": step, "world_size": distributed.world_size(),
-                  "optimizer_groups": len(engine.optimizer.param_groups)}
+        marker = {
+            "step": step,
+            "world_size": distributed.world_size(),
+            "optimizer_groups": len(engine.optimizer.param_groups),
+        }
         (partial / "COMPLETE").write_text(json.dumps(marker) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -111,9 +119,11 @@ def _space_problem(engine, run_dir, final: Path) -> str | None:
     if needed <= free:
         return None
     kept = f"the last complete checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
-    return (f"not enough space for checkpoint {final.name} in {checkpoint_root(run_dir)}: it needs about "
-            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}. Free space (or lower "
-            "--keep-checkpoints) and rerun with --resume auto")
+    return (
+        f"not enough space for checkpoint {final.name} in {checkpoint_root(run_dir)}: it needs about "
+        f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}. Free space (or lower "
+        "--keep-checkpoints) and rerun with --resume auto"
+    )
 
 
 def resolve_resume(resume: str | None, run_dir) -> Path | None:
@@ -124,8 +134,10 @@ def resolve_resume(resume: str | None, run_dir) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / "COMPLETE").is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint folder (no COMPLETE marker); "
-                        f"use --resume auto to take the newest complete one in {checkpoint_root(run_dir)}")
+        raise UserError(
+            f"--resume {resume}: not a complete checkpoint folder (no COMPLETE marker); "
+            f"use --resume auto to take the newest complete one in {checkpoint_root(run_dir)}"
+        )
     return path
 
 
@@ -133,14 +145,19 @@ def load_checkpoint(engine, path: Path) -> tuple:
     """Restore the engine and this rank's RNG; return (trainer_state, extra)."""
     marker = json.loads((path / "COMPLETE").read_text())
     if marker["world_size"] != distributed.world_size():
-        raise UserError(f"{path} was written by {marker['world_size']} ranks, this run has {distributed.world_size()}: "
-                        "the data order and optimizer partitions depend on it; resume with the same number of ranks")
+        raise UserError(
+            f"{path} was written by {marker['world_size']} ranks, this run has {distributed.world_size()}: "
+            "the data order and optimizer partitions depend on it; resume with the same number of ranks"
+        )
     groups = len(engine.optimizer.param_groups)
     if marker.get("optimizer_groups", groups) != groups:  # e.g. --logit-scale-lr added or dropped since
-        raise UserError(f"{path} was written with {marker['optimizer_groups']} optimizer parameter groups, this run has "
-                        f"{groups}: resume with the run's own --logit-scale-lr setting (see its config.json)")
-    engine.load_checkpoint(str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+        raise UserError(
+            f"{path} was written with {marker['optimizer_groups']} optimizer parameter groups, this run has "
+            f"{groups}: resume with the run's own --logit-scale-lr setting (see its config.json)"
+        )
+    engine.load_checkpoint(
+        str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     set_rng_state(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=True))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     extra = torch.load(path / "extra.pt", weights_only=True)

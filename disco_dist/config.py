@@ -1,16 +1,19 @@
-"""Command-line flags of the two training stages, with an optional JSON config file.
+"""Command-line flags of every pipeline command, with an optional JSON config file for the training stages.
 
 Precedence: command line > `--config FILE` (JSON, keys are flag names with _ or -) > defaults.
-`check_config` turns every bad path and incompatible combination into one line before any work starts.
+`check_common` turns every bad path and incompatible combination into one line before any work starts.
+Flags more than one command takes are defined once, by the `add_*` helpers.
 """
+
 import argparse
 import json
 from pathlib import Path
 
 from .errors import UserError
+from .files import DS_CONFIGS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIGS = REPO_ROOT / "ds_configs"
+DATA_ROOT_HELP = "data folder (default: $DISCO_DATA_ROOT or ../shared/data)"
+TEACHER = "all-mpnet-base-v2"
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,66 +21,132 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+def add_data_root(group) -> None:
+    group.add_argument("--data-root", help=DATA_ROOT_HELP)
+
+
+def add_local_rank(group) -> None:
+    """The flag the `deepspeed` launcher passes to each rank (the environment's LOCAL_RANK serves as well)."""
+    group.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def add_teacher_flags(group) -> None:
+    """The teacher, as distill.py (online mode) and cache_teacher.py take it."""
+    group.add_argument("--teacher", default=TEACHER, help="teacher: folder, fetched name or hub id")
+    group.add_argument(
+        "--teacher-ds-config",
+        type=Path,
+        default=DS_CONFIGS / "teacher_zero3.json",
+        help="DeepSpeed config of the teacher (ZeRO stage 3)",
+    )
+    group.add_argument(
+        "--teacher-batch-size",
+        type=int,
+        help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, "
+        "16 with one); online mode embeds several student batches per call",
+    )
+
+
 def _common(parser: Parser, stage: str) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--config", type=Path, help="JSON file of flag values (the command line overrides it)")
     g.add_argument("--run-dir", type=Path, default=Path("runs") / stage, help=f"run folder (default runs/{stage})")
-    g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run folder, if any) "
-                   "or a checkpoint folder")
+    g.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (newest complete checkpoint in the run folder, if any) or a checkpoint folder",
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--data-root", help="data folder (default: $DISCO_DATA_ROOT or ../shared/data)")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from deepspeed
+    add_data_root(g)
+    add_local_rank(g)
     g = parser.add_argument_group("student and optimisation")
     g.add_argument("--max-length", type=int, default=128, help="max tokens per sentence, student and teacher")
     g.add_argument("--batch-size", type=int, default=64, help="sentences (stage 2: triplets) per rank per step")
     g.add_argument("--epochs", type=float, default=1, help="passes over the data (fractions allowed)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no cap)")
     g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--logit-scale-lr", type=float,
-                   help="learning rate of a learnable logit scale (stage 2: temperature), kept as its log "
-                   "(default: --lr, at which it barely moves in a run of ~1,000 steps)")
+    g.add_argument(
+        "--logit-scale-lr",
+        type=float,
+        help="learning rate of a learnable logit scale (stage 2: temperature), kept as its log "
+        "(default: --lr, at which it barely moves in a run of ~1,000 steps)",
+    )
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    g.add_argument("--ds-config", type=Path, default=DS_CONFIGS / "student_zero0.json",
-                   help="DeepSpeed config of the student engine (ZeRO 0, 1 or 2)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 where the device supports it (GPU), else fp32")
+    g.add_argument(
+        "--ds-config",
+        type=Path,
+        default=DS_CONFIGS / "student_zero0.json",
+        help="DeepSpeed config of the student engine (ZeRO 0, 1 or 2)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where the device supports it (GPU), else fp32",
+    )
     g.add_argument("--num-workers", type=int, default=0, help="tokenising worker processes per rank")
     g = parser.add_argument_group("checkpoints, monitoring, selection")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K complete checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points")
-    g.add_argument("--eval-every", type=int, default=0 if stage == "distill" else 50,
-                   help="steps between STS-B dev evaluations on rank 0 (0: none)")
-    g.add_argument("--select", choices=("last", "best"), default="last" if stage == "distill" else "best",
-                   help="final model: the last step's, or the best by STS-B dev Spearman")
-    g.add_argument("--max-bad-steps", type=int, default=10,
-                   help="NaN/inf losses are skipped and counted; after this many in a row the run stops")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0 if stage == "distill" else 50,
+        help="steps between STS-B dev evaluations on rank 0 (0: none)",
+    )
+    g.add_argument(
+        "--select",
+        choices=("last", "best"),
+        default="last" if stage == "distill" else "best",
+        help="final model: the last step's, or the best by STS-B dev Spearman",
+    )
+    g.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=10,
+        help="NaN/inf losses are skipped and counted; after this many in a row the run stops",
+    )
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on rank 0")
-    g.add_argument("--sample-log", action="store_true",
-                   help="log the keys of every consumed batch per rank under <run-dir>/samples/ (an audit of the data order)")
+    g.add_argument(
+        "--sample-log",
+        action="store_true",
+        help="log the keys of every consumed batch per rank under <run-dir>/samples/ (an audit of the data order)",
+    )
 
 
 def distill_parser() -> Parser:
-    parser = Parser(prog="distill.py", description="Stage 1: KD or CKD from a frozen ZeRO-3 teacher into a student, "
-                    "on shards made by launchers/make_shards.py.")
+    parser = Parser(
+        prog="distill.py",
+        description="Stage 1: KD or CKD from a frozen ZeRO-3 teacher into a student, "
+        "on shards made by launchers/make_shards.py.",
+    )
     _common(parser, "distill")
     g = parser.add_argument_group("models")
     g.add_argument("--student", default="all-MiniLM-L6-v2", help="student: folder, fetched name or hub id")
     g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
-    g.add_argument("--teacher", default="all-mpnet-base-v2", help="teacher: folder, fetched name or hub id")
-    g.add_argument("--teacher-ds-config", type=Path, default=DS_CONFIGS / "teacher_zero3.json")
-    g.add_argument("--teacher-batch-size", type=int,
-                   help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, 16 with one); online mode embeds "
-                   "several student batches per call")
+    add_teacher_flags(g)
     g = parser.add_argument_group("data and loss")
-    g.add_argument("--shards", type=Path, default=Path("runs") / "shards",
-                   help="shard folder (with teacher embeddings: cached mode)")
-    g.add_argument("--teacher-mode", choices=("auto", "online", "cached"), default="auto",
-                   help="auto: cached when the shards hold teacher embeddings, else online")
-    g.add_argument("--bad-shards", choices=("stop", "skip"), default="stop",
-                   help="a shard that does not match its index entry (truncated, corrupt, changed): stop the run "
-                   "before training, or leave it out on every rank with a warning")
+    g.add_argument(
+        "--shards",
+        type=Path,
+        default=Path("runs") / "shards",
+        help="shard folder (with teacher embeddings: cached mode)",
+    )
+    g.add_argument(
+        "--teacher-mode",
+        choices=("auto", "online", "cached"),
+        default="auto",
+        help="auto: cached when the shards hold teacher embeddings, else online",
+    )
+    g.add_argument(
+        "--bad-shards",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a shard that does not match its index entry (truncated, corrupt, changed): stop the run "
+        "before training, or leave it out on every rank with a warning",
+    )
     g.add_argument("--shuffle-buffer", type=int, default=10_000)
     g.add_argument("--length-bucket", type=int, default=16, help="batches grouped by length (1: off)")
     g.add_argument("--loss", choices=("ckd", "mse"), default="ckd")
@@ -85,22 +154,42 @@ def distill_parser() -> Parser:
     g.add_argument("--queue-size", type=int, default=65_536, help="CKD queue of earlier teacher embeddings")
     g.add_argument("--logit-scale", type=float, default=2.718281828, help="CKD's initial logit scale")
     g.add_argument("--fixed-logit-scale", action="store_true", help="do not learn the logit scale")
-    g.add_argument("--head", choices=("linear", "none"), default="linear",
-                   help="projection of the student embedding to the teacher's width (none: widths must match)")
-    g.add_argument("--head-init", choices=("lstsq", "random"), default="lstsq",
-                   help="lstsq: ridge least-squares fit of student to teacher embeddings on --head-init-samples sentences")
+    g.add_argument(
+        "--head",
+        choices=("linear", "none"),
+        default="linear",
+        help="projection of the student embedding to the teacher's width (none: widths must match)",
+    )
+    g.add_argument(
+        "--head-init",
+        choices=("lstsq", "random"),
+        default="lstsq",
+        help="lstsq: ridge least-squares fit of student to teacher embeddings on --head-init-samples sentences",
+    )
     g.add_argument("--head-init-samples", type=int, default=2000)
     g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument(
+        "--prefill-queue",
+        action="store_true",
+        help="fill the CKD queue with random unit vectors before step 1 (benchmarks: a long run's "
+        "steady-state step time from the start)",
+    )
     return parser
 
 
 def finetune_parser() -> Parser:
-    parser = Parser(prog="finetune.py", description="Stage 2: supervised contrastive fine-tuning (SimCSE) of a "
-                    "student on NLI triplets (anchor, entailment, contradiction).")
+    parser = Parser(
+        prog="finetune.py",
+        description="Stage 2: supervised contrastive fine-tuning (SimCSE) of a "
+        "student on NLI triplets (anchor, entailment, contradiction).",
+    )
     _common(parser, "finetune")
     g = parser.add_argument_group("model, data and loss")
-    g.add_argument("--student", default=str(Path("runs") / "distill" / "final"),
-                   help="student folder (a stage-1 final model), fetched name or hub id")
+    g.add_argument(
+        "--student",
+        default=str(Path("runs") / "distill" / "final"),
+        help="student folder (a stage-1 final model), fetched name or hub id",
+    )
     g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
     g.add_argument("--nli", nargs="+", type=Path, help="sent0,sent1,hard_neg CSV files (default: the shared SNLI ones)")
     g.add_argument("--max-triplets", type=int, default=0, help="use only the first N triplets (0: all)")
@@ -108,6 +197,72 @@ def finetune_parser() -> Parser:
     g.add_argument("--learnable-temperature", action="store_true")
     g.add_argument("--no-hard-negatives", action="store_true", help="positives only as candidates")
     g.add_argument("--lr", type=float, default=5e-5)
+    return parser
+
+
+def make_shards_parser() -> Parser:
+    parser = Parser(
+        prog="make_shards.py",
+        description="Turn a text corpus (one sentence per line, optionally .gz) "
+        "into shuffled WebDataset shards + index.json. Empty and duplicate lines and undecodable bytes "
+        "are dropped and counted; text is never truncated.",
+    )
+    parser.add_argument("--corpus", help=f"text file (default: <data root>/{DEFAULT_CORPUS})")
+    add_data_root(parser)
+    parser.add_argument("--out", required=True, type=Path, help="shard folder to create")
+    parser.add_argument(
+        "--limit", type=int, help="keep only the first N usable sentences (a uniform sample of a shuffled corpus)"
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="sentences per shard (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    return parser
+
+
+DEFAULT_CORPUS = "wiki/wiki_en_sentences_1m.txt.gz"
+
+
+def cache_teacher_parser() -> Parser:
+    parser = Parser(
+        prog="cache_teacher.py",
+        description="Embed every sentence of a shard folder with the teacher "
+        "once (ZeRO-3 across the ranks) into new shards holding the sentences with their fp16 teacher "
+        "embeddings; distill.py then skips the teacher. Rerun the same command to continue a cut-short pass.",
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="shard folder made by make_shards.py")
+    parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
+    add_teacher_flags(parser)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="teacher forward precision; auto: bf16 on a GPU that has it, else fp32 (bf16 also helps "
+        "CPUs with AVX512-BF16/AMX); embeddings are stored as fp16 either way",
+    )
+    parser.add_argument("--overwrite", action="store_true")
+    add_local_rank(parser)
+    return parser
+
+
+def evaluate_parser() -> Parser:
+    from .encoder import POOLINGS
+    from .evaluate import TASKS
+
+    parser = Parser(
+        prog="evaluate.py",
+        description="Score an encoder on the seven STS tasks (cosine, Spearman x100) and write a JSON file.",
+    )
+    parser.add_argument("model", help="local folder, fetched model name, or hub id")
+    add_data_root(parser)
+    parser.add_argument("--pooling", choices=POOLINGS, help="override the pooling the model folder records")
+    parser.add_argument("--max-length", type=int, help="max tokens per sentence (default: the model's)")
+    parser.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these layers (0-based)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda where there is one, else cpu)")
+    parser.add_argument("--out", type=Path, default=Path("eval_sts.json"), help="JSON file to write")
+    parser.add_argument("--label", help="row label in the table (default: the model argument)")
     return parser
 
 
@@ -127,8 +282,11 @@ def parse(parser: Parser, argv=None) -> argparse.Namespace:
             raise UserError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}; keys are flag names")
         for action in parser._actions:  # path-typed flags from the file are paths too
             if action.dest in values and action.type is Path and values[action.dest] is not None:
-                values[action.dest] = ([Path(v) for v in values[action.dest]] if isinstance(values[action.dest], list)
-                                       else Path(values[action.dest]))
+                values[action.dest] = (
+                    [Path(v) for v in values[action.dest]]
+                    if isinstance(values[action.dest], list)
+                    else Path(values[action.dest])
+                )
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     check_common(args)
@@ -150,13 +308,17 @@ def check_common(args) -> None:
         if args.logit_scale_lr <= 0:
             raise UserError(f"--logit-scale-lr must be positive, got {args.logit_scale_lr}")
         if hasattr(args, "loss") and (args.loss != "ckd" or args.fixed_logit_scale):
-            raise UserError("--logit-scale-lr: this run learns no logit scale (it needs --loss ckd without "
-                            "--fixed-logit-scale); drop the flag")
+            raise UserError(
+                "--logit-scale-lr: this run learns no logit scale (it needs --loss ckd without "
+                "--fixed-logit-scale); drop the flag"
+            )
         if hasattr(args, "learnable_temperature") and not args.learnable_temperature:
-            raise UserError("--logit-scale-lr: this run learns no temperature; add --learnable-temperature or drop the flag")
+            raise UserError(
+                "--logit-scale-lr: this run learns no temperature; add --learnable-temperature or drop the flag"
+            )
     if args.select == "best" and args.eval_every <= 0:
         raise UserError("--select best needs --eval-every > 0 (the best is chosen by STS-B dev Spearman)")
-    from .teacher import load_ds_config
+    from .ds_config import load_ds_config
 
     for flag in ("ds_config", "teacher_ds_config"):
         if getattr(args, flag, None) is not None:
@@ -166,5 +328,14 @@ def check_common(args) -> None:
 
 
 def to_json(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], Path) else v)
-            for k, v in sorted(vars(args).items()) if k not in ("local_rank", "config")}
+    return {
+        k: (
+            str(v)
+            if isinstance(v, Path)
+            else [str(x) for x in v]
+            if isinstance(v, list) and v and isinstance(v[0], Path)
+            else v
+        )
+        for k, v in sorted(vars(args).items())
+        if k not in ("local_rank", "config")
+    }

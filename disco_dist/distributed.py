@@ -3,6 +3,7 @@
 Rank, world size and local rank come from the launcher's environment (`deepspeed`, `torchrun`), else
 from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`). CPU: gloo, fp32. GPU: NCCL, bf16.
 """
+
 import datetime
 import os
 import socket
@@ -38,8 +39,11 @@ def env_int(*names, default):
 def read_env(local_rank_flag: int | None = None) -> DistEnv:
     rank = env_int("RANK", "SLURM_PROCID", default=0)
     world_size = env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = local_rank_flag if local_rank_flag is not None and local_rank_flag >= 0 else env_int(
-        "LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local_rank = (
+        local_rank_flag
+        if local_rank_flag is not None and local_rank_flag >= 0
+        else env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    )
     if torch.cuda.is_available():
         # under SLURM each task may see all GPUs or only its own (CUDA_VISIBLE_DEVICES remapped to one)
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -63,14 +67,21 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     if not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         try:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                       timeout=datetime.timedelta(seconds=timeout_s), rank=env.rank,
-                                       world_size=env.world_size, distributed_port=int(os.environ["MASTER_PORT"]))
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                rank=env.rank,
+                world_size=env.world_size,
+                distributed_port=int(os.environ["MASTER_PORT"]),
+            )
         except dist.DistNetworkError as err:
             if "EADDRINUSE" not in str(err):
                 raise
-            raise RankError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in "
-                            "use by another process; set MASTER_PORT to a free port and rerun") from None
+            raise RankError(
+                f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in "
+                "use by another process; set MASTER_PORT to a free port and rerun"
+            ) from None
     return env
 
 
@@ -95,11 +106,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_command(ranks: int, *args) -> list[str]:
-    """The argv that starts `args` (a launcher and its flags) as `ranks` ranks under this environment's
-    deepspeed launcher, on a free rendezvous port so that it can run beside other distributed runs."""
+def deepspeed_command(ranks: int, *args, module: bool = False) -> list[str]:
+    """The argv that starts `args` (a script and its flags; with `module`, a module name and its flags) as
+    `ranks` ranks under this environment's deepspeed launcher, on a free rendezvous port so that it can run
+    beside other distributed runs. A module is not handed `--local_rank` (LOCAL_RANK is in its environment)."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *map(str, args)]
+    how = ["--module", "--no_local_rank"] if module else []
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *how, *map(str, args)]
+
+
+def command_argv(name: str, *args, ranks: int = 0) -> list[str]:
+    """The argv of one of the pipeline's commands (disco_dist.commands; the same as launchers/NAME.py): as
+    `ranks` ranks under the deepspeed launcher, or one plain process when `ranks` is 0."""
+    if ranks:
+        return deepspeed_command(ranks, "disco_dist.commands", name, *args, module=True)
+    return [sys.executable, "-m", "disco_dist.commands", name, *map(str, args)]
 
 
 def import_deepspeed():

@@ -4,6 +4,7 @@ Loads a hub id or a local folder (reading the sentence-transformers pooling/norm
 present), can keep a subset of layers to make a smaller student, and saves a folder that both
 `transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load.
 """
+
 import json
 import os
 import shutil
@@ -33,12 +34,16 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(DEFAULT_CACHE / MODELS[short].folder)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
-        raise UserError(f"model folder {name_or_path} does not exist; fetch the real models with "
-                        "`python launchers/fetch_models.py` or pass an existing folder")
+        raise UserError(
+            f"model folder {name_or_path} does not exist; fetch the real models with "
+            "`python launchers/fetch_models.py` or pass an existing folder"
+        )
     if not _in_hub_cache(name_or_path) and not _hub_reachable():
-        raise UserError(f"model {name_or_path} is not a local folder, a fetched model or in the Hugging Face cache, "
-                        "and the hub cannot be reached (offline); fetch it with `python launchers/fetch_models.py` "
-                        "or pass a local folder")
+        raise UserError(
+            f"model {name_or_path} is not a local folder, a fetched model or in the Hugging Face cache, "
+            "and the hub cannot be reached (offline); fetch it with `python launchers/fetch_models.py` "
+            "or pass a local folder"
+        )
     return name_or_path
 
 
@@ -128,8 +133,7 @@ class Encoder(nn.Module):
         return self.model.config.hidden_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path, pooling=None, normalize=None, max_length=None, keep=None,
-                        model_loader=None):
+    def from_pretrained(cls, name_or_path, pooling=None, normalize=None, max_length=None, keep=None, model_loader=None):
         """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
@@ -140,8 +144,10 @@ class Encoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = (model_loader or AutoModel.from_pretrained)(path)
         except OSError as err:
-            raise UserError(f"could not load model {name_or_path!r}: {str(err).splitlines()[0]} (offline? pass a "
-                            "local folder, e.g. one made by `python launchers/fetch_models.py`)") from None
+            raise UserError(
+                f"could not load model {name_or_path!r}: {str(err).splitlines()[0]} (offline? pass a "
+                "local folder, e.g. one made by `python launchers/fetch_models.py`)"
+            ) from None
         settings = sentence_transformers_settings(Path(path)) if Path(path).is_dir() else {}
         if keep:
             keep_layers(model, list(keep))
@@ -156,8 +162,9 @@ class Encoder(nn.Module):
         )
 
     def tokenize(self, sentences):
-        return self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+        return self.tokenizer(
+            list(sentences), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
 
     def pool(self, outputs, attention_mask):
         if self.pooling == "cls":
@@ -189,7 +196,7 @@ class Encoder(nn.Module):
         self.eval()
         try:
             for start in batches:
-                index = order[start:start + batch_size]
+                index = order[start : start + batch_size]
                 batch = self.tokenize([sentences[i] for i in index]).to(device)
                 out[index] = self(batch["input_ids"], batch["attention_mask"], normalize=normalize).float().cpu()
         finally:
@@ -224,7 +231,9 @@ class Encoder(nn.Module):
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
         if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
             (folder / "2_Normalize").mkdir()
         (folder / "1_Pooling").mkdir()
         # sentence-transformers has no "pooler output" mode: it gets [CLS] there, and disco_dist.json keeps the truth

@@ -6,6 +6,7 @@ raises the same `UserError` for a shared input, so only rank 0 prints it; `RankE
 rank alone met (its disk, its file) and is printed by that rank. A full disk or quota anywhere becomes one
 line too.
 """
+
 import errno
 import functools
 import os
@@ -40,9 +41,12 @@ def exit_on_user_error(main):
         except OSError as err:
             if err.errno not in DISK_FULL:
                 raise
-            print(f"error: rank {_rank()}: {err.strerror} while writing {err.filename or 'a file'}; nothing already "
-                  "written was replaced: free space there and rerun (training: --resume auto)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"error: rank {_rank()}: {err.strerror} while writing {err.filename or 'a file'}; nothing already "
+                "written was replaced: free space there and rerun (training: --resume auto)",
+                file=sys.stderr,
+                flush=True,
+            )
         exit_now(2)
 
     return wrapper

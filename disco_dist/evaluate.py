@@ -4,10 +4,8 @@ Cosine similarity of the two sentence embeddings against the gold score, Spearma
 scored pairs of a year's sub-sets ("all"); STS-B and SICK-R on their test splits; the average is the plain
 mean of the seven.
 """
-import json
-import os
+
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,17 +57,10 @@ def format_table(rows: dict) -> str:
     width = max([len("model")] + [len(label) for label in rows])
     lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>6}" for c in columns)]
     for label, scores in rows.items():
-        lines.append(f"{label:<{width}}  " + "  ".join(
-            f"{scores[c]:6.2f}" if c in scores else f"{'-':>6}" for c in columns))
+        lines.append(
+            f"{label:<{width}}  " + "  ".join(f"{scores[c]:6.2f}" if c in scores else f"{'-':>6}" for c in columns)
+        )
     return "\n".join(lines)
-
-
-def write_json_atomic(path, content) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluation_record(model: str, encoder, scores: dict, seconds: float) -> dict:

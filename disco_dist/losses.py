@@ -6,6 +6,7 @@ ranks' embeddings come in gathered: the student's own with gradient (`gather` in
 the frozen teacher's without (gathered by the caller for ckd_loss); `this_rank` says where this rank's
 rows sit in a gathered batch.
 """
+
 import math
 
 import torch
@@ -20,8 +21,13 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher.to(student.dtype))
 
 
-def ckd_loss(student: torch.Tensor, teacher_keys: torch.Tensor, logit_scale: torch.Tensor,
-             queue: torch.Tensor | None = None, this_rank: int | None = None) -> torch.Tensor:
+def ckd_loss(
+    student: torch.Tensor,
+    teacher_keys: torch.Tensor,
+    logit_scale: torch.Tensor,
+    queue: torch.Tensor | None = None,
+    this_rank: int | None = None,
+) -> torch.Tensor:
     """Contrastive KD: q_i must pick out k_i, the teacher embedding of the same sentence, among the teacher
     embeddings of the global batch and of the queue.
 
@@ -47,9 +53,14 @@ def ckd_loss(student: torch.Tensor, teacher_keys: torch.Tensor, logit_scale: tor
     return (log_normaliser - positive).mean()
 
 
-def sup_contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, hard_negative: torch.Tensor | None,
-                         temperature: torch.Tensor | float, gather=all_gather_with_grad,
-                         this_rank: int | None = None) -> torch.Tensor:
+def sup_contrastive_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    hard_negative: torch.Tensor | None,
+    temperature: torch.Tensor | float,
+    gather=all_gather_with_grad,
+    this_rank: int | None = None,
+) -> torch.Tensor:
     """Supervised SimCSE: each anchor against every rank's positives and hard negatives (cosine / temperature).
 
     The candidates are the student's own embeddings, so the gather must carry gradient back to the rank
@@ -97,13 +108,13 @@ class TeacherQueue:
         """Store the newest teacher embeddings, L2-normalised (ckd_loss takes the queue as unit vectors)."""
         if self.size == 0:
             return
-        embeddings = F.normalize(embeddings[-self.size:].float(), dim=-1).to(self.buffer.dtype)
+        embeddings = F.normalize(embeddings[-self.size :].float(), dim=-1).to(self.buffer.dtype)
         end = self.pointer + len(embeddings)
         if end <= self.size:
-            self.buffer[self.pointer:end] = embeddings
+            self.buffer[self.pointer : end] = embeddings
         else:
             first = self.size - self.pointer
-            self.buffer[self.pointer:] = embeddings[:first]
+            self.buffer[self.pointer :] = embeddings[:first]
             self.buffer[: end - self.size] = embeddings[first:]
         self.pointer = end % self.size
         self.filled = min(self.size, self.filled + len(embeddings))
@@ -113,6 +124,8 @@ class TeacherQueue:
 
     def load_state_dict(self, state: dict) -> None:
         if state["filled"] > self.size:
-            raise ValueError(f"checkpointed queue holds {state['filled']} embeddings, more than --queue-size {self.size}")
+            raise ValueError(
+                f"checkpointed queue holds {state['filled']} embeddings, more than --queue-size {self.size}"
+            )
         self.buffer[: state["filled"]] = state["buffer"].to(self.buffer)
         self.pointer, self.filled = state["pointer"], state["filled"]

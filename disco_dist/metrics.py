@@ -3,6 +3,7 @@
 Only rank 0 writes. `flush` is collective (every rank calls it at the same step): it averages the
 interval's loss terms and sums sentences and tokens over the ranks with one small all-reduce.
 """
+
 import os
 import time
 from collections import defaultdict
@@ -91,8 +92,10 @@ class Metrics:
     def flush(self, step: int, gauges: dict) -> None:
         names = sorted(self.terms)
         steps = max(1, self.counts["steps"])
-        values = torch.tensor([float(self.terms[n]) / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
-                              dtype=torch.float64)
+        values = torch.tensor(
+            [float(self.terms[n]) / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
+            dtype=torch.float64,
+        )
         if distributed.world_size() > 1:
             dist.all_reduce(values)
             values[: len(names)] /= distributed.world_size()
@@ -122,8 +125,11 @@ class Metrics:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(1, done) * (self.total - step)
-        print(f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
-              f"comm {scalars['time/comm_share']:.0%}  ETA {_duration(eta)}", flush=True)
+        print(
+            f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
+            f"comm {scalars['time/comm_share']:.0%}  ETA {_duration(eta)}",
+            flush=True,
+        )
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.is_main:
@@ -144,7 +150,9 @@ class Metrics:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class SampleLog:
@@ -160,8 +168,12 @@ class SampleLog:
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 fields = line.split("\t")
-                if len(fields) == 5 and fields[0].isdigit() and fields[1].isdigit() and \
-                        (int(fields[0]), int(fields[1])) < (epoch, batch):
+                if (
+                    len(fields) == 5
+                    and fields[0].isdigit()
+                    and fields[1].isdigit()
+                    and (int(fields[0]), int(fields[1])) < (epoch, batch)
+                ):
                     kept.append(line + "\n")
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(kept))

@@ -1,13 +1,14 @@
 """The DisCo pipeline as Submitit jobs: shards -> [teacher cache] -> distill -> fine-tune -> evaluate.
 
-One SLURM job per stage, each with its own resources, chained with `afterok` dependencies (a failed stage
-cancels the rest). The training stages are `Checkpointable`: on the pre-timeout/pre-emption signal every
-rank checkpoints at a step boundary, then Submitit requeues the job, which resumes (`--resume auto`).
+One SLURM job per pipeline `Job` (each runs one command of disco_dist.commands), each with its own resources,
+chained with `afterok` dependencies (a failed job cancels the rest). The training jobs are `Checkpointable`:
+on the pre-timeout/pre-emption signal every rank checkpoints at a step boundary, then Submitit requeues the
+job, which resumes (`--resume auto`).
 """
+
 import os
 import re
-import signal
-import time
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,51 +35,29 @@ def _export_rank_environment(threads: int) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-class StageJob(submitit.helpers.Checkpointable):
-    """One stage, run on every task of its job. `checkpoint` (Submitit's requeue hook) resubmits it as is:
-    the training stages always carry `--resume auto`, so the requeued job continues from the checkpoint."""
+class JobCall(submitit.helpers.Checkpointable):
+    """One pipeline job's command, run on every task of its job. `checkpoint` (Submitit's requeue hook) resubmits
+    it as is: the training commands always carry `--resume auto`, so the requeued job continues from the
+    checkpoint that every rank wrote on the signal (disco_dist.resilience.requeue_after)."""
 
-    def __init__(self, stage: str, argv: list, threads: int = 1):
-        self.stage, self.argv, self.threads = stage, [str(a) for a in argv], threads
+    def __init__(self, command: str, argv: list, threads: int = 1):
+        self.command, self.argv, self.threads = command, [str(a) for a in argv], threads
 
     def __call__(self):
+        from .commands import run_command
+
         _export_rank_environment(self.threads)
-        if self.stage in ("distill", "finetune"):
-            return self._train()
-        return _run_launcher(self.stage, self.argv)
-
-    def _train(self):
-        from .config import parse
-        from .train import STAGES, Preempted, train
-
-        make_parser, stage_class = STAGES[self.stage]
-        try:
-            return str(train(parse(make_parser(), self.argv), stage_class))
-        except Preempted as stop:
-            # every rank has written the checkpoint; now Submitit's own handler requeues (rank 0 exits in it)
-            print(stop, flush=True)
-            if callable(stop.previous_handler):
-                stop.previous_handler(signal.SIGUSR2, None)
-            # Only rank 0 gets here (the handler requeues and exits it). The others leave quietly, a moment
-            # later, so that the requeue is in before the job could look finished.
-            time.sleep(10)
-            os._exit(0)
+        return run_command(self.command, self.argv)
 
 
-def _run_launcher(stage: str, argv: list):
-    """The stage's launcher `main`, undecorated: a UserError travels to Submitit (and so to submit.py) whole."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parent.parent / "launchers" / LAUNCHERS[stage]
-    spec = importlib.util.spec_from_file_location(f"disco_launcher_{stage}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main.__wrapped__(argv)
-    return stage
-
-
-LAUNCHERS = {"shards": "make_shards.py", "cache": "cache_teacher.py", "distill": "distill.py",
-             "finetune": "finetune.py", "evaluate": "evaluate.py"}
+# pipeline job -> the command it runs (disco_dist.commands; launchers/<command>.py)
+COMMAND_OF = {
+    "shards": "make_shards",
+    "cache": "cache_teacher",
+    "distill": "distill",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+}
 
 
 @dataclass
@@ -91,24 +70,117 @@ class Resources:
     partition: str | None = None
 
     def single(self) -> "Resources":
-        """One task on one node: for the stages that are not distributed (shards, evaluation)."""
-        return Resources(1, 1, self.cpus_per_task * self.tasks_per_node, min(self.gpus_per_node, 1),
-                         self.timeout_min, self.partition)
+        """One task on one node: for the jobs that are not distributed (shards, evaluation)."""
+        return Resources(
+            1, 1, self.cpus_per_task * self.tasks_per_node, min(self.gpus_per_node, 1), self.timeout_min, self.partition
+        )
 
 
 @dataclass
-class Stage:
+class Job:
+    """One job of the pipeline: its name (a key of COMMAND_OF), the command's flags, its resources, and once
+    submitted, Submitit's handle."""
+
     name: str
     argv: list
     resources: Resources
-    job: object = field(default=None, repr=False)
+    submitted: object = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        r = self.resources
+        return (
+            f"{self.name:<9} nodes={r.nodes} tasks/node={r.tasks_per_node} cpus/task={r.cpus_per_task} "
+            f"gpus/node={r.gpus_per_node} time={r.timeout_min}min  "
+            f"launchers/{COMMAND_OF[self.name]}.py {' '.join(shlex.quote(str(a)) for a in self.argv)}"
+        )
+
+
+def build_jobs(args, recipe: dict) -> list:
+    """The pipeline's jobs for submit.py's flags: `recipe` (recipes/demo.json by default) gives the stages'
+    flags, and --distill-args / --finetune-args come after them (the last value of a flag wins)."""
+    from .recipes import flags
+
+    run = args.run_dir.resolve()
+    shards, cached = run / "shards", run / "shards-teacher"
+    common = ["--data-root", args.data_root] if args.data_root else []
+    training = Resources(
+        args.nodes, args.tasks_per_node, args.cpus_per_task, args.gpus_per_node, args.time, args.partition
+    )
+    keep = ["--keep-layers", *args.keep_layers] if args.keep_layers else []
+    distill_source = cached if args.teacher_mode == "cached" else shards
+    jobs = [
+        Job(
+            "shards",
+            [
+                "--out",
+                shards,
+                "--limit",
+                args.sentences,
+                "--shard-size",
+                args.shard_size,
+                "--overwrite",
+                *common,
+                *(["--corpus", args.corpus] if args.corpus else []),
+            ],
+            training.single(),
+        ),
+        Job("cache", ["--shards", shards, "--out", cached, "--teacher", args.teacher, "--overwrite"], training),
+        Job(
+            "distill",
+            [
+                "--shards",
+                distill_source,
+                "--student",
+                args.student,
+                *keep,
+                "--teacher",
+                args.teacher,
+                "--run-dir",
+                run / "distill",
+                "--resume",
+                "auto",
+                *common,
+                *flags(recipe["distill"]),
+                *shlex.split(args.distill_args),
+            ],
+            training,
+        ),
+        Job(
+            "finetune",
+            [
+                "--student",
+                run / "distill" / "final",
+                "--run-dir",
+                run / "finetune",
+                "--resume",
+                "auto",
+                *common,
+                *flags(recipe["finetune"]),
+                *shlex.split(args.finetune_args),
+            ],
+            training,
+        ),
+        Job(
+            "evaluate",
+            [run / "finetune" / "final", "--out", run / "eval_sts.json", "--label", "DisCo student", *common],
+            training.single(),
+        ),
+    ]
+    if args.teacher_mode != "cached":
+        jobs = [job for job in jobs if job.name != "cache"]
+    return [job for job in jobs if job.name not in args.skip]
 
 
 def make_executor(folder: Path, local: bool, resources: Resources, name: str):
     """Submitit's AutoExecutor: SLURM, or its LocalExecutor with `local` (same parameters, same job code)."""
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else "slurm")
-    params = dict(timeout_min=resources.timeout_min, nodes=resources.nodes, tasks_per_node=resources.tasks_per_node,
-                  cpus_per_task=resources.cpus_per_task, name=f"disco-{name}")
+    params = dict(
+        timeout_min=resources.timeout_min,
+        nodes=resources.nodes,
+        tasks_per_node=resources.tasks_per_node,
+        cpus_per_task=resources.cpus_per_task,
+        name=f"disco-{name}",
+    )
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
     if not local:
@@ -131,38 +203,58 @@ def check_slurm() -> None:
     result = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"no SLURM controller answers ({last}); on this machine: slurm/local-cluster.sh start and "
-                        "export the SLURM_CONF it prints, or use --local")
+        raise UserError(
+            f"no SLURM controller answers ({last}); on this machine: slurm/local-cluster.sh start and "
+            "export the SLURM_CONF it prints, or use --local"
+        )
 
 
-def submit(stages: list, log_folder: Path, local: bool, log=print) -> list:
-    """Submit the stages in order. On SLURM each waits for the one before (afterok); locally they run one
+def submit(jobs: list, log_folder: Path, local: bool, log=print) -> list:
+    """Submit the jobs in order. On SLURM each waits for the one before (afterok); locally they run one
     after another (Submitit's LocalExecutor has no dependencies), each finished before the next starts."""
     if not local:
         check_slurm()
     previous = None
-    for stage in stages:
-        executor = make_executor(log_folder, local, stage.resources, stage.name)
+    for job in jobs:
+        executor = make_executor(log_folder, local, job.resources, job.name)
         if previous is not None and not local:
-            executor.update_parameters(slurm_additional_parameters={
-                "dependency": f"afterok:{previous.job.job_id}", "kill-on-invalid-dep": "yes"})
+            executor.update_parameters(
+                slurm_additional_parameters={
+                    "dependency": f"afterok:{previous.submitted.job_id}",
+                    "kill-on-invalid-dep": "yes",
+                }
+            )
         if previous is not None and local:
             wait_for(previous, log)
-        stage.job = executor.submit(StageJob(stage.name, stage.argv, stage.resources.cpus_per_task))
-        log(f"submitted {stage.name:<9} job {stage.job.job_id}")
-        previous = stage
-    return stages
+        job.submitted = executor.submit(JobCall(COMMAND_OF[job.name], job.argv, job.resources.cpus_per_task))
+        log(f"submitted {job.name:<9} job {job.submitted.job_id}")
+        previous = job
+    return jobs
 
 
-def wait_for(stage: Stage, log=print) -> None:
-    """Block until the stage's job ends; a failed stage raises UserError with its error."""
+def wait_for(job: Job, log=print) -> None:
+    """Block until the job ends; a failed job raises UserError with its error."""
     try:
-        stage.job.results()  # one result per task
+        job.submitted.results()  # one result per task
     except Exception as err:  # submitit re-raises the job's failure here
-        tail = _stderr_tail(stage.job)
-        raise UserError(f"stage {stage.name} (job {stage.job.job_id}) failed: {_first_line(err)}"
-                        + (f"\n--- its stderr ends with ---\n{tail}" if tail else "")) from None
-    log(f"{stage.name:<9} job {stage.job.job_id}: finished")
+        tail = _stderr_tail(job.submitted)
+        raise UserError(
+            f"{job.name} job {job.submitted.job_id} failed: {_first_line(err)}"
+            + (f"\n--- its stderr ends with ---\n{tail}" if tail else "")
+        ) from None
+    log(f"{job.name:<9} job {job.submitted.job_id}: finished")
+
+
+def follow(jobs: list, log=print) -> None:
+    """Wait for every job in order; when one fails, cancel the ones after it and raise its error."""
+    for job in jobs:
+        try:
+            wait_for(job, log)
+        except UserError:
+            for later in jobs[jobs.index(job) + 1 :]:
+                if later.submitted is not None:
+                    later.submitted.cancel(check=False)
+            raise
 
 
 def _first_line(err: Exception) -> str:

@@ -7,6 +7,7 @@ Each sample is `<key>.txt` (UTF-8 sentence) and, in teacher-cached shards, `<key
 embedding as raw little-endian float16). The index is what lets every rank know the epoch's length up front.
 Everything is written to temporary names and renamed, the index last: a folder with an index is complete.
 """
+
 import json
 import os
 import random
@@ -17,7 +18,7 @@ import numpy as np
 
 from .data.corpus import CorpusStats, read_corpus
 from .errors import UserError
-from .fetch import sha256_of
+from .files import sha256_of, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = 1
@@ -60,7 +61,10 @@ def verified_index(index: ShardIndex, rank: int, world_size: int, bad_shards: st
         return index
     bad.sort()
     names = ", ".join(index.shards[i]["name"] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-    what = f"{len(bad)} shard(s) of {index.folder} do not match {INDEX} ({names}): truncated, corrupt or changed after indexing"
+    what = (
+        f"{len(bad)} shard(s) of {index.folder} do not match {INDEX} ({names}): "
+        "truncated, corrupt or changed after indexing"
+    )
     if bad_shards != "skip":
         raise UserError(f"{what}; re-make or restore them, or pass --bad-shards skip to train without them")
     kept = index.without(bad)
@@ -78,8 +82,10 @@ def read_index(folder) -> ShardIndex:
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist; make it with `python launchers/make_shards.py`")
     if not path.is_file():
-        raise UserError(f"{path} is missing (an unfinished or foreign shard folder); "
-                        "re-run `python launchers/make_shards.py` into a new folder")
+        raise UserError(
+            f"{path} is missing (an unfinished or foreign shard folder); "
+            "re-run `python launchers/make_shards.py` into a new folder"
+        )
     try:
         raw = json.loads(path.read_text())
         shards, total = raw["shards"], int(raw["total"])
@@ -145,9 +151,7 @@ def write_index(folder, total: int, shards: list, **meta) -> ShardIndex:
     if not shards:
         raise UserError("no usable sentences to write: every line was empty, duplicate or undecodable")
     content = {"format": FORMAT, "total": total, **meta, "shards": shards}
-    tmp = Path(folder) / f"{INDEX}.tmp"
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, Path(folder) / INDEX)
+    write_json_atomic(Path(folder) / INDEX, content)
     return read_index(folder)
 
 
@@ -192,11 +196,20 @@ def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=Fals
     for sentence in sentences:
         writer.write(sentence)
     dropped = {"empty": stats.empty, "duplicate": stats.duplicates, "undecodable": stats.undecodable}
-    index = writer.finish(source=str(Path(corpus).resolve()), source_sha256=sha256_of(corpus), seed=seed,
-                          limit=limit, lines_read=stats.lines, dropped=dropped, teacher=None)
-    log(f"wrote {index.total} sentences in {len(index.shards)} shards to {out} "
+    index = writer.finish(
+        source=str(Path(corpus).resolve()),
+        source_sha256=sha256_of(corpus),
+        seed=seed,
+        limit=limit,
+        lines_read=stats.lines,
+        dropped=dropped,
+        teacher=None,
+    )
+    log(
+        f"wrote {index.total} sentences in {len(index.shards)} shards to {out} "
         f"(read {stats.lines} lines; dropped {stats.empty} empty, {stats.duplicates} duplicate, "
-        f"{stats.undecodable} undecodable)")
+        f"{stats.undecodable} undecodable)"
+    )
     return index
 
 
@@ -216,8 +229,14 @@ def iter_shard_samples(paths, handler=None, with_keys=False):
     (with `with_keys`: (key, text, teacher))."""
     import webdataset as wds
 
-    dataset = wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             empty_check=False, handler=handler or wds.reraise_exception)
+    dataset = wds.WebDataset(
+        paths,
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        empty_check=False,
+        handler=handler or wds.reraise_exception,
+    )
     for sample in dataset:
         teacher = sample.get(TEACHER_KEY)
         teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")

@@ -5,20 +5,26 @@ and writes the rows to JSON (rows of other devices in that file are kept).
     python launchers/benchmark.py --gpu                  # rows 1-3 in bf16 on one GPU, GPU sizes (< 8 min)
     python launchers/benchmark.py --parts st_training mfu --repeats 1
 """
+
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from disco_dist.benchmark import TARGETS, Benchmark, Settings, format_table, merge_json, worker_main  # noqa: E402
-from disco_dist.config import Parser  # noqa: E402
-from disco_dist.distributed import exit_process  # noqa: E402
-from disco_dist.errors import UserError, exit_on_user_error  # noqa: E402
+from disco_dist.benchmark import TARGETS, Benchmark, Settings, format_table, merge_json
+from disco_dist.config import Parser
+from disco_dist.distributed import exit_process
+from disco_dist.errors import UserError, exit_on_user_error
 
-GPU_SIZES = {"device": "cuda", "precision": "bf16", "teacher_sentences": 5000, "batch_size": 128, "steps": 50,
-             "warmup_steps": 10, "parts": ("st_training", "teacher_encode", "mfu")}
+GPU_SIZES = {
+    "device": "cuda",
+    "precision": "bf16",
+    "teacher_sentences": 5000,
+    "batch_size": 128,
+    "steps": 50,
+    "warmup_steps": 10,
+    "parts": ("st_training", "teacher_encode", "mfu"),
+}
 
 
 @exit_on_user_error
@@ -30,8 +36,12 @@ def main(argv=None):
     parser.add_argument("--student", default=defaults.student)
     parser.add_argument("--teacher", default=defaults.teacher)
     parser.add_argument("--corpus", help="sentences to use (default: the shared Wikipedia 100k file)")
-    parser.add_argument("--teacher-sentences", type=int, help=f"sentences both teacher sides embed, then the "
-                        f"training data (default {defaults.teacher_sentences}; --gpu: {GPU_SIZES['teacher_sentences']})")
+    parser.add_argument(
+        "--teacher-sentences",
+        type=int,
+        help=f"sentences both teacher sides embed, then the "
+        f"training data (default {defaults.teacher_sentences}; --gpu: {GPU_SIZES['teacher_sentences']})",
+    )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", type=int, help="timed training steps after the warm-up")
     parser.add_argument("--warmup-steps", type=int)
@@ -42,17 +52,22 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the GPU sizes")
     parser.add_argument("--work-dir", default=defaults.work_dir)
     parser.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker_main(args.worker, {**json.loads(args.spec), "local_rank": args.local_rank})
-        return
 
     values = dict(GPU_SIZES) if args.gpu else {}
-    for name in ("student", "teacher", "corpus", "teacher_sentences", "batch_size", "steps", "warmup_steps",
-                 "ckd_steps", "queue_size", "repeats", "work_dir"):
+    for name in (
+        "student",
+        "teacher",
+        "corpus",
+        "teacher_sentences",
+        "batch_size",
+        "steps",
+        "warmup_steps",
+        "ckd_steps",
+        "queue_size",
+        "repeats",
+        "work_dir",
+    ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.st_batch_sizes:

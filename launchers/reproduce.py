@@ -1,5 +1,5 @@
 """Reproduce one row of the DisCo results table (docs/results.md) with one command, and record it in
-docs/results.json. Recipes (student and flags) are the JSON files in launchers/recipes/.
+docs/results.json. Recipes (student, flags and targets) are the JSON files in recipes/.
 
     python launchers/reproduce.py S2 ckd          # CKD on the cached teacher shards, then the seven-task STS table
     python launchers/reproduce.py S2 disco        # CKD (reused if done), then NLI fine-tuning
@@ -11,31 +11,36 @@ docs/results.json. Recipes (student and flags) are the JSON files in launchers/r
 Methods: init, mse, ckd, disco, mse+ft, ft, speed. Runs go to <run-root>/<student>/ and are skipped when
 done or resumed when cut short, so a long row can be run in parts. Choices are made on STS-B dev only.
 """
+
 import argparse
 import json
 import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from disco_dist.config import Parser  # noqa: E402
-from disco_dist.errors import UserError, exit_on_user_error  # noqa: E402
-from disco_dist.recipes import (METHODS, Reproduction, encode_speed, load_recipe, merge_result_row,  # noqa: E402
-                                merge_speed_rows, results_markdown)
+from disco_dist.config import Parser
+from disco_dist.errors import UserError, exit_on_user_error
+from disco_dist.recipes import Reproduction, load_recipe
+from disco_dist.results import METHODS, merge_result_row, results_markdown
 
-DEFAULT_SHARDS = Path("runs") / "issue5" / "shards-100k-mpnet"
+DEFAULT_SHARDS = Path("runs") / "wiki-100k" / "shards-mpnet"
 
 
 @exit_on_user_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("student", nargs="?",
-                        help="recipe name (S1, S2, S3, or a variant such as S3-scale10) or a recipe JSON file")
+    parser.add_argument(
+        "student", nargs="?", help="recipe name (S1, S2, S3, or a variant such as S3-scale10) or a recipe JSON file"
+    )
     parser.add_argument("method", nargs="?", choices=[*METHODS, "speed"])
     parser.add_argument("--table", action="store_true", help="print the results file as markdown tables and exit")
-    parser.add_argument("--shards", type=Path, default=DEFAULT_SHARDS,
-                        help=f"teacher-cached shards for stage 1 (default {DEFAULT_SHARDS})")
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=DEFAULT_SHARDS,
+        help=f"teacher-cached shards for stage 1 (default {DEFAULT_SHARDS})",
+    )
     parser.add_argument("--run-root", type=Path, default=Path("runs") / "reproduce")
     parser.add_argument("--ranks", type=int, default=2, help="ranks (CPU processes or GPUs) per training run")
     parser.add_argument("--teacher", default="all-mpnet-base-v2", help="for the speed comparison")
@@ -51,15 +56,9 @@ def main(argv=None):
     recipe = load_recipe(args.student)
     command = "python launchers/reproduce.py " + shlex.join(argv)
     if args.method == "speed":
-        from disco_dist.data import read_sts_task
+        from disco_dist.benchmark import record_encode_speed
 
-        pairs = read_sts_task("STSBenchmark", split="test")
-        rows = encode_speed(recipe, args.teacher, list(dict.fromkeys(pairs.sentences1 + pairs.sentences2)))
-        for row in rows:
-            row["command"] = command
-            print(f"{row['student']} batch {row['batch_size']}: {row['student_sentences_per_s']} vs teacher "
-                  f"{row['teacher_sentences_per_s']} sentences/s ({row['speedup']}x)")
-        merge_speed_rows(args.results, rows)
+        record_encode_speed(recipe, args.teacher, args.results, command)
         return
     row = Reproduction(recipe, args.run_root, args.shards, args.ranks).row(args.method, command)
     merge_result_row(args.results, row)

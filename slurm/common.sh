@@ -25,7 +25,13 @@ log_to_run_dir() {
   exec > >(tee -a "$1/slurm-${SLURM_JOB_ID}.log") 2>&1
 }
 
-# stage LAUNCHER ARGS...: run launchers/LAUNCHER on every task of the job
-stage() {
+# run_on_tasks LAUNCHER ARGS...: run launchers/LAUNCHER on every task of the job
+run_on_tasks() {
   srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}"
+}
+
+# recipe KEY: a value of the demo recipe (recipes/demo.json), the batch scripts' defaults; recipe distill or
+# recipe finetune: that stage's flags, one per line (read them with mapfile)
+recipe() {
+  "$PYTHON" -m disco_dist.recipes demo "$1"
 }

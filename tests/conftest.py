@@ -1,13 +1,15 @@
-"""Shared fixtures: a tiny tokenizer and tiny random encoders built from a config (no downloads)."""
+"""What the tests share: tiny random models and run inputs built from a config (no downloads), running a
+launcher and checking its one-line error, running a function on 2 gloo ranks, reading TensorBoard scalars."""
+
 import os
 import string
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,8 +44,14 @@ def build_tiny_model(folder: Path, hidden=32, layers=4, seed=0, max_length=64):
 
     tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=max_length + 2)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_length + 2,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -76,3 +84,72 @@ def data_root():
     from disco_dist.data import resolve_data_root
 
     return resolve_data_root()
+
+
+def run(script, *args, env=None):
+    """launchers/<script> with `args`, in the repository, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launchers" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=None if env is None else {**os.environ, **env},
+    )
+    return result
+
+
+def assert_one_line(result, *needles):
+    """Exit 2 with exactly one `error:` line, holding every needle, and no traceback."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def scalars(run_dir):
+    """{tag: {step: value}} of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def _worker(rank, world_size, port, fn, args, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    # the result is on disk: leave without the interpreter teardown, where gloo's threads occasionally abort
+    # the process ("terminate called without an active exception") after a run that succeeded
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_on_ranks(fn, world_size, tmp_path, *args):
+    """fn(rank, world_size, *args) on each rank (a module-level function) over gloo; [result of rank 0, ...]."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from disco_dist.distributed import free_port
+
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -1,9 +1,11 @@
 """The benchmark script at a tiny size, so that it keeps working (no timing assertions), and the FLOP count
 it divides by."""
+
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, build_tiny_run_inputs
 
 
@@ -18,19 +20,53 @@ def test_flops_per_sentence_counts_projections_feed_forward_and_attention():
     assert training_flops_per_sentence(config, [3, 3], 5) == 3 * (2 * (768 + 144) + 2 * 4 * 5)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
     sentences = [f"the {i} dog plays in the park with {i % 7} children today" for i in range(128)]
     root, student, teacher, corpus = build_tiny_run_inputs(tmp_path, sentences, shard_size=16)
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO / "launchers" / "benchmark.py"), "--student", student, "--teacher", teacher,
-           "--corpus", corpus, "--teacher-sentences", 128, "--batch-size", 8, "--warmup-steps", 2, "--steps", 4,
-           "--ckd-steps", 4, "--queue-size", 64, "--repeats", 1, "--st-batch-sizes", 8, 32,
-           "--work-dir", tmp_path / "work", "--out", out]
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "benchmark.py"),
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--corpus",
+        corpus,
+        "--teacher-sentences",
+        128,
+        "--batch-size",
+        8,
+        "--warmup-steps",
+        2,
+        "--steps",
+        4,
+        "--ckd-steps",
+        4,
+        "--queue-size",
+        64,
+        "--repeats",
+        1,
+        "--st-batch-sizes",
+        8,
+        32,
+        "--work-dir",
+        tmp_path / "work",
+        "--out",
+        out,
+    ]
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["teacher_encode", "zero3_vs_replicated", "st_training", "mfu",
-                                         "loader_headroom", "ckd_overhead"]
+    assert [r["name"] for r in rows] == [
+        "teacher_encode",
+        "zero3_vs_replicated",
+        "st_training",
+        "mfu",
+        "loader_headroom",
+        "ckd_overhead",
+    ]
     for row in rows:
         assert row["value"] > 0 and row["device"] == "cpu" and row["better"] in ("higher", "lower"), row
         assert row["command"].startswith("python launchers/benchmark.py")

@@ -1,4 +1,5 @@
 """Checkpoint selection: only complete checkpoints are ever resumed from."""
+
 import json
 
 import pytest

@@ -2,13 +2,21 @@ import gzip
 
 import pytest
 
-from disco_dist.data import read_corpus, read_nli_triplets, read_sick, read_sts_benchmark, read_sts_year, resolve_data_root
+from disco_dist.data import (
+    read_corpus,
+    read_nli_triplets,
+    read_sick,
+    read_sts_benchmark,
+    read_sts_year,
+    resolve_data_root,
+)
 from disco_dist.data.corpus import CorpusStats
 from disco_dist.errors import UserError
 
 
-@pytest.mark.parametrize("year,count", [("STS12", 3108), ("STS13", 1500), ("STS14", 3750), ("STS15", 3000),
-                                        ("STS16", 1186)])
+@pytest.mark.parametrize(
+    "year,count", [("STS12", 3108), ("STS13", 1500), ("STS14", 3750), ("STS15", 3000), ("STS16", 1186)]
+)
 def test_sts_years_pool_all_scored_pairs(data_root, year, count):
     pairs = read_sts_year(year, data_root)
     assert len(pairs) == len(pairs.sentences1) == len(pairs.sentences2) == count

@@ -1,4 +1,5 @@
 """The streaming loader: equal batch counts per rank, exact resume, workers, clear errors."""
+
 import pytest
 
 from disco_dist.errors import UserError
@@ -26,8 +27,9 @@ def uneven_shards(tmp_path_factory):
 
 
 def loader(index, rank, world=2, **kw):
-    options = dict(batch_size=8, rank=rank, world_size=world, collate=texts_only, seed=5, shuffle_buffer=50,
-                   length_bucket=4)
+    options = dict(
+        batch_size=8, rank=rank, world_size=world, collate=texts_only, seed=5, shuffle_buffer=50, length_bucket=4
+    )
     options.update(kw)
     return ShardBatches(index, **options)
 

@@ -1,15 +1,15 @@
 """Each loss alone: values, and W ranks x B equal to 1 rank x W*B (loss and every gradient)."""
+
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import run_on_ranks
 
 from disco_dist.distributed import all_gather_no_grad, all_gather_with_grad
 from disco_dist.losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
-
-from dist_utils import run_on_ranks
 
 B, D_IN, D = 4, 6, 5
 
@@ -19,8 +19,13 @@ def problem():
     torch.manual_seed(0)
     model = torch.nn.Linear(D_IN, D)
     scale = LogitScale(math.e)
-    data = {"x": torch.randn(2 * B, D_IN), "x_pos": torch.randn(2 * B, D_IN), "x_neg": torch.randn(2 * B, D_IN),
-            "teacher": torch.randn(2 * B, D), "queue": F.normalize(torch.randn(7, D), dim=-1)}
+    data = {
+        "x": torch.randn(2 * B, D_IN),
+        "x_pos": torch.randn(2 * B, D_IN),
+        "x_neg": torch.randn(2 * B, D_IN),
+        "teacher": torch.randn(2 * B, D),
+        "queue": F.normalize(torch.randn(7, D), dim=-1),
+    }
     return model, scale, data
 
 
@@ -30,8 +35,13 @@ def compute(loss_name, model, scale, d, sl, gather=None):
     if loss_name == "ckd":
         # the caller gathers the frozen teacher's embeddings (no gradient needed): the global batch's keys
         return ckd_loss(model(d["x"][sl]), all_gather_no_grad(d["teacher"][sl]), scale(), d["queue"])
-    return sup_contrastive_loss(model(d["x"][sl]), model(d["x_pos"][sl]), model(d["x_neg"][sl]), 0.05 * scale() / math.e,
-                                **({"gather": gather} if gather else {}))
+    return sup_contrastive_loss(
+        model(d["x"][sl]),
+        model(d["x_pos"][sl]),
+        model(d["x_neg"][sl]),
+        0.05 * scale() / math.e,
+        **({"gather": gather} if gather else {}),
+    )
 
 
 def grads(model, scale):
@@ -134,7 +144,7 @@ def test_queue_is_fifo_and_restorable():
 def test_ridge_head_init_is_stable_on_rank_deficient_features():
     """Pooled features are nearly rank deficient; the head must still come out small and close to the
     least-squares fit, the same on every call."""
-    from disco_dist.train import head_init_ridge
+    from disco_dist.stages import head_init_ridge
 
     torch.manual_seed(0)
     base = torch.randn(500, 6)

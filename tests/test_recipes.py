@@ -1,30 +1,65 @@
 """Recipes and the results table of the reproduction: every recipe parses as the launchers' flags, rows are
 replaced rather than duplicated, and the targets are judged from the rows, missed ones marked."""
+
 import json
 
 import pytest
 
 from disco_dist.config import distill_parser, finetune_parser
 from disco_dist.errors import UserError
-from disco_dist.recipes import RECIPES, flags, load_recipe, merge_result_row, results_markdown, targets
+from disco_dist.files import RECIPES
+from disco_dist.recipes import flags, load_recipe
+from disco_dist.results import merge_result_row, results_markdown, targets
 
 TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R")
 
 
 def row(student, method, avg, **extra):
-    return {"model": f"model {student}", "student": student, "method": method,
-            "scores": {**{t: avg for t in TASKS}, "avg": avg}, "command": f"cmd {student} {method}", **extra}
+    return {
+        "model": f"model {student}",
+        "student": student,
+        "method": method,
+        "scores": {**{t: avg for t in TASKS}, "avg": avg},
+        "command": f"cmd {student} {method}",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.json")))
 def test_every_recipe_is_valid_launcher_flags(name):
     recipe = load_recipe(name)
     keep = ["--keep-layers", *map(str, recipe["keep_layers"])] if recipe.get("keep_layers") else []
-    distill = distill_parser().parse_args(["--student", recipe["student"], *keep,
-                                           *map(str, flags(recipe["distill"]))])
-    assert distill.batch_size == recipe["distill"]["batch_size"] and distill.select == "best"
+    distill = distill_parser().parse_args(["--student", recipe["student"], *keep, *map(str, flags(recipe["distill"]))])
+    assert distill.batch_size == recipe["distill"]["batch_size"]
     finetune = finetune_parser().parse_args(["--student", "x", *map(str, flags(recipe["finetune"]))])
-    assert finetune.lr == recipe["finetune"]["lr"]
+    assert finetune.batch_size == recipe["finetune"]["batch_size"]
+
+
+def test_targets_come_from_the_recipe_files_in_their_order():
+    """A recipe's targets (recipes/*.json) are what is judged; labelled targets first, then each student's."""
+    rows = [
+        row("teacher", "init", 80.53),
+        row("S1", "init", 78.87),
+        row("S1", "mse", 79.0),
+        row("S1", "ckd", 79.5),
+        row("S1", "disco", 80.2),
+        row("S2", "init", 73.9),
+        row("S2", "disco", 76.2),
+    ]
+    assert [what for what, *_ in targets(rows)] == [
+        "S1 DisCo ≥ teacher avg − 0.5",
+        "S2 DisCo ≥ its init + 2.0",
+        "S1 CKD ≥ MSE-KD",
+        "S1 CKD + FT (DisCo) ≥ CKD",
+    ]
+    mine = [
+        ("S9", {"method": "ckd", "at_least": "teacher init", "margin": -1.0}),
+        ("S9", {"method": "ckd", "at_least": 70}),
+    ]
+    assert targets([row("teacher", "init", 80.0), row("S9", "ckd", 79.5)], mine) == [
+        ("S9 CKD ≥ initialisation", 79.5, "≥ 80.00 − 1.0", True),
+        ("S9 CKD ≥ 70", 79.5, "≥ 70.00", True),
+    ]
 
 
 def test_unknown_recipe_names_the_known_ones():
@@ -35,8 +70,11 @@ def test_unknown_recipe_names_the_known_ones():
 def test_a_variant_recipe_changes_only_the_flags_it_names():
     base, variant = load_recipe("S3"), load_recipe("S3-scale10")
     assert (variant["label"], variant["student_label"], variant["variant"]) == ("S3-scale10", "S3", "S3-scale10")
-    changed = {k for k in base["distill"].keys() | variant["distill"].keys()
-               if base["distill"].get(k) != variant["distill"].get(k)}
+    changed = {
+        k
+        for k in base["distill"].keys() | variant["distill"].keys()
+        if base["distill"].get(k) != variant["distill"].get(k)
+    }
     assert changed == {"logit_scale", "fixed_logit_scale"} and variant["finetune"] == base["finetune"]
     assert variant["keep_layers"] == base["keep_layers"] and variant["student"] == base["student"]
     args = distill_parser().parse_args(["--student", "x", *map(str, flags(variant["distill"]))])
@@ -52,12 +90,22 @@ def test_a_recipe_whose_bases_loop_is_one_clear_error(tmp_path):
 
 def test_a_variant_row_sits_beside_the_recipe_row_and_is_not_judged(tmp_path):
     path = tmp_path / "results.json"
-    for r in (row("S3", "init", 51.5), row("S3", "mse", 78.86), row("S3", "ckd", 79.1, variant="S3-scale10"),
-              row("S3", "ckd", 78.78), row("S3", "disco", 80.47)):
+    for r in (
+        row("S3", "init", 51.5),
+        row("S3", "mse", 78.86),
+        row("S3", "ckd", 79.1, variant="S3-scale10"),
+        row("S3", "ckd", 78.78),
+        row("S3", "disco", 80.47),
+    ):
         merge_result_row(path, r)
     rows = json.loads(path.read_text())["rows"]
     assert [(r["method"], r.get("variant")) for r in rows] == [
-        ("init", None), ("mse", None), ("ckd", None), ("ckd", "S3-scale10"), ("disco", None)]
+        ("init", None),
+        ("mse", None),
+        ("ckd", None),
+        ("ckd", "S3-scale10"),
+        ("disco", None),
+    ]
     checks = {what: (value, met) for what, value, _, met in targets(rows)}
     assert checks["S3 CKD ≥ MSE-KD"] == (78.78, False)  # the recipe's own row, not the variant's 79.1
     table = results_markdown({"rows": rows})
@@ -70,13 +118,23 @@ def test_a_rerun_row_replaces_the_old_one_in_table_order(tmp_path):
         merge_result_row(path, r)
     rows = json.loads(path.read_text())["rows"]
     assert [(r["student"], r["method"], r["scores"]["avg"]) for r in rows] == [
-        ("teacher", "init", 80.0), ("S2", "init", 73.9), ("S2", "ckd", 76.0)]
+        ("teacher", "init", 80.0),
+        ("S2", "init", 73.9),
+        ("S2", "ckd", 76.0),
+    ]
 
 
 def test_targets_are_judged_from_the_rows_and_misses_marked():
-    rows = [row("teacher", "init", 80.53), row("S1", "init", 78.87), row("S1", "disco", 80.0),
-            row("S2", "init", 73.9), row("S2", "mse", 76.0), row("S2", "ckd", 75.5), row("S2", "disco", 76.2),
-            row("S3", "disco", 77.9)]
+    rows = [
+        row("teacher", "init", 80.53),
+        row("S1", "init", 78.87),
+        row("S1", "disco", 80.0),
+        row("S2", "init", 73.9),
+        row("S2", "mse", 76.0),
+        row("S2", "ckd", 75.5),
+        row("S2", "disco", 76.2),
+        row("S3", "disco", 77.9),
+    ]
     checks = {what: (value, met) for what, value, _, met in targets(rows)}
     assert checks["S1 DisCo ≥ teacher avg − 0.5"] == (80.0, False)  # 80.03 needed
     assert checks["S2 DisCo ≥ its init + 2.0"] == (76.2, True)
@@ -90,15 +148,47 @@ def test_targets_are_judged_from_the_rows_and_misses_marked():
 
 
 def test_a_run_shared_by_two_rows_is_listed_once_with_its_record():
-    distill = {"run_dir": "runs/S2/distill-ckd", "steps": 781, "seconds": 1708.3, "world_size": 2, "best_stsb_dev": 84.34,
-               "lr": 2e-4, "batch_size_per_rank": 64, "epochs": 1.0, "sentences": 100000, "loss": "ckd",
-               "queue_size": 65536, "final_logit_scale": 21.71}
-    finetune = {"run_dir": "runs/S2/ft-after-ckd", "steps": 99, "seconds": 300.0, "world_size": 2,
-                "best_stsb_dev": 86.0, "lr": 5e-5, "batch_size_per_rank": 32, "epochs": 1.0,
-                "final_temperature": 0.05, "triplets_max": 0}
-    table = results_markdown({"rows": [row("S2", "init", 73.9), row("S2", "ckd", 77.36, distill=distill),
-                                       row("S2", "disco", 78.0, distill=distill, finetune=finetune)]})
-    assert table.count("| `runs/S2/distill-ckd` | distill | ckd | 0.0002 | 128 | 781 | 100,000 sentences | 84.34 | "
-                       "21.71 | 28 min |") == 1
+    distill = {
+        "run_dir": "runs/S2/distill-ckd",
+        "steps": 781,
+        "seconds": 1708.3,
+        "world_size": 2,
+        "best_stsb_dev": 84.34,
+        "lr": 2e-4,
+        "batch_size_per_rank": 64,
+        "epochs": 1.0,
+        "sentences": 100000,
+        "loss": "ckd",
+        "queue_size": 65536,
+        "final_logit_scale": 21.71,
+    }
+    finetune = {
+        "run_dir": "runs/S2/ft-after-ckd",
+        "steps": 99,
+        "seconds": 300.0,
+        "world_size": 2,
+        "best_stsb_dev": 86.0,
+        "lr": 5e-5,
+        "batch_size_per_rank": 32,
+        "epochs": 1.0,
+        "final_temperature": 0.05,
+        "triplets_max": 0,
+    }
+    table = results_markdown(
+        {
+            "rows": [
+                row("S2", "init", 73.9),
+                row("S2", "ckd", 77.36, distill=distill),
+                row("S2", "disco", 78.0, distill=distill, finetune=finetune),
+            ]
+        }
+    )
+    assert (
+        table.count(
+            "| `runs/S2/distill-ckd` | distill | ckd | 0.0002 | 128 | 781 | 100,000 sentences | 84.34 | "
+            "21.71 | 28 min |"
+        )
+        == 1
+    )
     assert "| `runs/S2/ft-after-ckd` | finetune | sup_contrastive | 5e-05 | 64 | 99 | all NLI triplets |" in table
     assert "| 781, 28 min, 21.71 | 99, 5 min |" in table  # the DisCo row: both of its stages

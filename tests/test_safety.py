@@ -1,5 +1,6 @@
 """Safety rules that hold for the whole code base, checked on its source: no pickle from files without
 `weights_only=True`, no shell strings, servers bound to localhost."""
+
 import ast
 
 from conftest import REPO
@@ -25,16 +26,21 @@ def test_every_torch_load_refuses_pickled_code():
     assert loads, "the checkpoint code loads RNG states and the queue with torch.load"
     for path, line, node in loads:
         value = keyword(node, "weights_only")
-        assert isinstance(value, ast.Constant) and value.value is True, f"{path}:{line} loads a pickle without weights_only=True"
+        assert isinstance(value, ast.Constant) and value.value is True, (
+            f"{path}:{line} loads a pickle without weights_only=True"
+        )
 
 
 def test_no_shell_strings():
     for path, line, node in calls(lambda f: f.startswith("subprocess.") or f in ("os.system", "os.popen")):
         assert not ast.unparse(node.func).startswith(("os.system", "os.popen")), f"{path}:{line}"
         shell = keyword(node, "shell")
-        assert shell is None or (isinstance(shell, ast.Constant) and shell.value is False), f"{path}:{line} uses shell=True"
-        assert node.args and not isinstance(node.args[0], (ast.Constant, ast.JoinedStr)), \
+        assert shell is None or (isinstance(shell, ast.Constant) and shell.value is False), (
+            f"{path}:{line} uses shell=True"
+        )
+        assert node.args and not isinstance(node.args[0], (ast.Constant, ast.JoinedStr)), (
             f"{path}:{line}: pass an argument list, not a command string"
+        )
 
 
 def test_tensorboard_command_binds_to_localhost():

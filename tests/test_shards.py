@@ -4,12 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from disco_dist.errors import UserError
-from disco_dist.fetch import sha256_of
+from disco_dist.files import sha256_of
 from disco_dist.shards import ShardFolderWriter, iter_shard_samples, make_shards, read_index
-
-from conftest import REPO
 
 
 @pytest.fixture
@@ -71,8 +70,18 @@ def test_refuses_to_overwrite_and_reports_missing_pieces(corpus, tmp_path):
 
 def test_make_shards_launcher(corpus, tmp_path):
     out = tmp_path / "shards"
-    cmd = [sys.executable, str(REPO / "launchers" / "make_shards.py"), "--corpus", str(corpus), "--out", str(out),
-           "--shard-size", "40", "--limit", "50"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "make_shards.py"),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--shard-size",
+        "40",
+        "--limit",
+        "50",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 50 sentences in 2 shards" in result.stdout

@@ -1,15 +1,14 @@
 """The ZeRO-3 teacher on 2 gloo ranks: partitioned parameters, unchanged embeddings, cached shards."""
+
 import json
 
 import numpy as np
+import pytest
 import torch
+from conftest import REPO, assert_one_line, build_tiny_model, run, run_on_ranks
 
 from disco_dist.encoder import Encoder
 from disco_dist.shards import iter_shard_samples, make_shards, read_index
-
-from conftest import REPO, build_tiny_model
-from dist_utils import run_on_ranks
-from test_cli import assert_one_line, run
 
 SENTENCES = ["a man plays the guitar.", "two dogs run in the park", "the first album of the year", "a", "b c d"] * 3
 
@@ -35,8 +34,9 @@ def test_zero3_teacher_partitions_and_matches_unsharded(tmp_path):
 def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
     """--precision bf16 (2-4x faster on CPUs with AVX512-BF16): bf16 weights, embeddings within bf16 rounding."""
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=128, layers=2, seed=3)
-    results = run_on_ranks(teacher_rank, 2, tmp_path, str(model_dir), str(REPO / "ds_configs" / "teacher_zero3.json"),
-                           "bf16")
+    results = run_on_ranks(
+        teacher_rank, 2, tmp_path, str(model_dir), str(REPO / "ds_configs" / "teacher_zero3.json"), "bf16"
+    )
     expected = Encoder.from_pretrained(model_dir).encode(SENTENCES)
     for result in results:
         assert result["dtypes"] == {"torch.bfloat16"} and result["embeddings"].dtype == torch.float32
@@ -45,8 +45,9 @@ def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
 
 
 def cache_rank(rank, world_size, model_dir, ds_config, source, out):
+    from disco_dist.cache import cache_teacher_embeddings
     from disco_dist.distributed import read_env
-    from disco_dist.teacher import ZeroTeacher, cache_teacher_embeddings
+    from disco_dist.teacher import ZeroTeacher
 
     env = read_env()
     teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8)
@@ -59,8 +60,15 @@ def test_cache_pass_writes_fp16_embeddings_for_every_sentence(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the {i} dog plays in a park" for i in range(45)) + "\n")
     make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)  # 5 shards: uneven over 2 ranks
-    run_on_ranks(cache_rank, 2, tmp_path, str(model_dir), str(REPO / "ds_configs" / "teacher_zero3.json"),
-                 str(tmp_path / "src"), str(tmp_path / "cached"))
+    run_on_ranks(
+        cache_rank,
+        2,
+        tmp_path,
+        str(model_dir),
+        str(REPO / "ds_configs" / "teacher_zero3.json"),
+        str(tmp_path / "src"),
+        str(tmp_path / "cached"),
+    )
     index = read_index(tmp_path / "cached")
     assert index.counts == read_index(tmp_path / "src").counts and index.teacher["dim"] == 64
     samples = list(iter_shard_samples(index.paths()))
@@ -71,12 +79,13 @@ def test_cache_pass_writes_fp16_embeddings_for_every_sentence(tmp_path):
     assert json.loads((tmp_path / "cached" / "index.json").read_text())["teacher"]["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     """A cache pass killed part-way is continued by re-running it: finished shards are kept as they are,
     the half-written one is redone, and the result equals an uninterrupted pass byte for byte."""
     import shutil
 
-    from disco_dist.teacher import CACHE_PLAN
+    from disco_dist.cache import CACHE_PLAN
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
     corpus = tmp_path / "corpus.txt"
@@ -104,17 +113,21 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / CACHE_PLAN).write_text(json.dumps({"source_index_sha256": "x", "teacher": "y", "max_length": 7}))
-    assert_one_line(run("cache_teacher.py", "--shards", tmp_path / "src", "--out", other, "--teacher", model_dir),
-                    str(other), "unfinished cache of another source")
+    assert_one_line(
+        run("cache_teacher.py", "--shards", tmp_path / "src", "--out", other, "--teacher", model_dir),
+        str(other),
+        "unfinished cache of another source",
+    )
 
 
 def plan_only_rank(rank, world_size, model_dir, ds_config, source, out):
     """Write the plan file a cache pass of this source and teacher starts with, and nothing else."""
     from pathlib import Path
 
+    from disco_dist.cache import CACHE_PLAN, cache_plan
     from disco_dist.distributed import read_env
-    from disco_dist.evaluate import write_json_atomic
-    from disco_dist.teacher import CACHE_PLAN, ZeroTeacher, cache_plan
+    from disco_dist.files import write_json_atomic
+    from disco_dist.teacher import ZeroTeacher
 
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
     write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, source))

@@ -1,5 +1,6 @@
 """End to end on 2 CPU ranks through the deepspeed launcher: loss falls, checkpoints and a final model are
 written, a resumed run follows the uninterrupted one exactly, TensorBoard holds the scalars."""
+
 import json
 import math
 import os
@@ -8,14 +9,12 @@ import time
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import REPO, build_tiny_run_inputs, scalars
 
 from disco_dist.checkpoint import complete_checkpoints
 from disco_dist.distributed import deepspeed_command
 from disco_dist.encoder import Encoder
 from disco_dist.metrics import read_sample_logs
-
-from conftest import REPO, build_tiny_run_inputs
 
 
 def launch(script, args, ranks=2, timeout=600):
@@ -25,28 +24,50 @@ def launch(script, args, ranks=2, timeout=600):
     return result
 
 
-def scalars(run_dir):
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from disco_dist.data import read_sts_task
 
     pairs = read_sts_task("STSBenchmark", split="train")  # real sentences the tiny tokenizer can mostly cover
     unique = list(dict.fromkeys(s.strip() for s in pairs.sentences1 + pairs.sentences2))
-    root, student, teacher, _ = build_tiny_run_inputs(tmp_path_factory.mktemp("train"), unique[:1200],
-                                                      shard_size=100, student_layers=4)  # 12 full shards of 100
+    root, student, teacher, _ = build_tiny_run_inputs(
+        tmp_path_factory.mktemp("train"), unique[:1200], shard_size=100, student_layers=4
+    )  # 12 full shards of 100
     return root, student, teacher
 
 
 def distill_args(root, student, teacher, run_dir, *extra):
-    return ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--run-dir", run_dir,
-            "--batch-size", 16, "--teacher-batch-size", 64, "--max-steps", 30, "--log-every", 5,
-            "--checkpoint-every", 10, "--keep-checkpoints", 5, "--queue-size", 128, "--lr", 1e-3,
-            "--logit-scale-lr", 0.05, "--head-init", "random", *extra]
+    return [
+        "--shards",
+        root / "shards",
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--run-dir",
+        run_dir,
+        "--batch-size",
+        16,
+        "--teacher-batch-size",
+        64,
+        "--max-steps",
+        30,
+        "--log-every",
+        5,
+        "--checkpoint-every",
+        10,
+        "--keep-checkpoints",
+        5,
+        "--queue-size",
+        128,
+        "--lr",
+        1e-3,
+        "--logit-scale-lr",
+        0.05,
+        "--head-init",
+        "random",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +76,13 @@ def uninterrupted(setup, tmp_path_factory):
     root, student, teacher = setup
     full = tmp_path_factory.mktemp("uninterrupted") / "full"
     result = launch("distill.py", distill_args(root, student, teacher, full, "--sample-log"))
-    assert result.returncode == 0 and "finished: 30 steps" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and "finished: 30 steps" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )
     return full
 
 
+@pytest.mark.slow
 def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupted, tmp_path):
     root, student, teacher = setup
     full = uninterrupted
@@ -70,18 +94,33 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
     final = Encoder.from_pretrained(full / "final")
     assert final.model.config.hidden_size == 32  # the student, without the projection head
     logged = scalars(full)
-    for tag in ("loss/ckd", "loss/total", "train/lr", "train/logit_scale", "train/grad_norm", "train/queue_fill",
-                "throughput/sentences_per_s", "throughput/tokens_per_s", "time/teacher_share", "time/comm_share"):
+    for tag in (
+        "loss/ckd",
+        "loss/total",
+        "train/lr",
+        "train/logit_scale",
+        "train/grad_norm",
+        "train/queue_fill",
+        "throughput/sentences_per_s",
+        "throughput/tokens_per_s",
+        "time/teacher_share",
+        "time/comm_share",
+    ):
         assert set(logged[tag]) == {5, 10, 15, 20, 25, 30}, tag
     assert logged["train/queue_fill"][30] == 1.0  # 128 slots, 32 teacher embeddings per step
     # the scale has its own learning rate: at --lr 1e-3 its log could move at most ~0.03 from e in 30 steps
-    assert max(abs(math.log(s / math.e)) for s in logged["train/logit_scale"].values()) > 0.15, logged["train/logit_scale"]
+    assert max(abs(math.log(s / math.e)) for s in logged["train/logit_scale"].values()) > 0.15, logged[
+        "train/logit_scale"
+    ]
 
     # resume from step 20 into a fresh folder: the same losses at 25 and 30, the same final weights
     resumed = tmp_path / "resumed"
-    result = launch("distill.py", distill_args(root, student, teacher, resumed, "--resume",
-                                               full / "checkpoints" / "step-00000020"))
-    assert result.returncode == 0 and "resumed from" in result.stdout and "at step 20" in result.stdout, result.stderr[-3000:]
+    result = launch(
+        "distill.py", distill_args(root, student, teacher, resumed, "--resume", full / "checkpoints" / "step-00000020")
+    )
+    assert result.returncode == 0 and "resumed from" in result.stdout and "at step 20" in result.stdout, result.stderr[
+        -3000:
+    ]
     again = scalars(resumed)
     for step in (25, 30):
         assert again["loss/ckd"][step] == pytest.approx(logged["loss/ckd"][step], rel=1e-5, abs=1e-6)
@@ -90,22 +129,32 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
     assert_same_weights(full, resumed)
 
     # a different world size would see other data and other optimizer partitions: refused, in one line
-    result = launch("distill.py", distill_args(root, student, teacher, tmp_path / "one-rank", "--resume",
-                                               full / "checkpoints" / "step-00000020"), ranks=1)
+    result = launch(
+        "distill.py",
+        distill_args(root, student, teacher, tmp_path / "one-rank", "--resume", full / "checkpoints" / "step-00000020"),
+        ranks=1,
+    )
     assert result.returncode == 2 and "written by 2 ranks, this run has 1" in result.stderr, result.stderr[-2000:]
 
     # the scale's own optimizer group dropped on resume: refused in one line, not a deep optimizer traceback
-    args = distill_args(root, student, teacher, tmp_path / "no-scale-lr", "--resume", full / "checkpoints" / "step-00000020")
-    del args[args.index("--logit-scale-lr"):args.index("--logit-scale-lr") + 2]
+    args = distill_args(
+        root, student, teacher, tmp_path / "no-scale-lr", "--resume", full / "checkpoints" / "step-00000020"
+    )
+    del args[args.index("--logit-scale-lr") : args.index("--logit-scale-lr") + 2]
     result = launch("distill.py", args)
-    assert result.returncode == 2 and "resume with the run's own --logit-scale-lr" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "resume with the run's own --logit-scale-lr" in result.stderr, result.stderr[
+        -2000:
+    ]
 
 
 def assert_same_weights(run_a, run_b):
-    for a, b in zip(Encoder.from_pretrained(run_a / "final").parameters(), Encoder.from_pretrained(run_b / "final").parameters()):
+    for a, b in zip(
+        Encoder.from_pretrained(run_a / "final").parameters(), Encoder.from_pretrained(run_b / "final").parameters()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rank_killed_mid_step_stops_the_run_and_resume_matches_uninterrupted(setup, uninterrupted, tmp_path):
     """SIGKILL to rank 1 in the middle of step 26: the launcher ends the other rank and fails promptly;
     --resume auto continues from step 20 and ends with the uninterrupted run's weights, having trained on
@@ -138,12 +187,34 @@ def test_rank_killed_mid_step_stops_the_run_and_resume_matches_uninterrupted(set
 def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
     root, student, teacher = setup
     cached = tmp_path / "cached"
-    result = launch("cache_teacher.py", ["--shards", root / "shards", "--teacher", teacher, "--out", cached,
-                                          "--teacher-batch-size", 64])
+    result = launch(
+        "cache_teacher.py",
+        ["--shards", root / "shards", "--teacher", teacher, "--out", cached, "--teacher-batch-size", 64],
+    )
     assert result.returncode == 0 and "with teacher embeddings" in result.stdout, result.stderr[-3000:]
     run = tmp_path / "mse"
-    args = ["--shards", cached, "--student", student, "--run-dir", run, "--batch-size", 16, "--epochs", 3,
-            "--log-every", 5, "--loss", "mse", "--lr", 1e-3, "--head-init", "random", "--checkpoint-every", 0]
+    args = [
+        "--shards",
+        cached,
+        "--student",
+        student,
+        "--run-dir",
+        run,
+        "--batch-size",
+        16,
+        "--epochs",
+        3,
+        "--log-every",
+        5,
+        "--loss",
+        "mse",
+        "--lr",
+        1e-3,
+        "--head-init",
+        "random",
+        "--checkpoint-every",
+        0,
+    ]
     result = launch("distill.py", args)
     assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-3000:]
     losses = scalars(run)["loss/mse"]
@@ -154,15 +225,39 @@ def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
 
 
 def finetune_args(student, run_dir, *extra):
-    return ["--student", student, "--run-dir", run_dir, "--batch-size", 8, "--max-steps", 20, "--max-triplets", 400,
-            "--log-every", 5, "--eval-every", 10, "--checkpoint-every", 10, "--keep-checkpoints", 5, "--lr", 1e-3, *extra]
+    return [
+        "--student",
+        student,
+        "--run-dir",
+        run_dir,
+        "--batch-size",
+        8,
+        "--max-steps",
+        20,
+        "--max-triplets",
+        400,
+        "--log-every",
+        5,
+        "--eval-every",
+        10,
+        "--checkpoint-every",
+        10,
+        "--keep-checkpoints",
+        5,
+        "--lr",
+        1e-3,
+        *extra,
+    ]
 
 
+@pytest.mark.slow
 def test_finetune_two_ranks_keeps_best_and_resumes_exactly(setup, tmp_path):
     _, student, _ = setup
     full = tmp_path / "full"
     result = launch("finetune.py", finetune_args(student, full))
-    assert result.returncode == 0 and "finished: 20 steps" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and "finished: 20 steps" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )
     logged = scalars(full)
     assert set(logged["eval/stsb_dev_spearman"]) == {10, 20}
     assert set(logged["loss/sup_contrastive"]) == {5, 10, 15, 20}
@@ -187,12 +282,32 @@ def test_finetune_two_ranks_keeps_best_and_resumes_exactly(setup, tmp_path):
         assert again["loss/sup_contrastive"][step] == pytest.approx(logged["loss/sup_contrastive"][step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_the_run_stops_with_a_checkpoint(setup, tmp_path):
     root, student, teacher = setup
     run = tmp_path / "nan"
-    base = ["--shards", root / "shards", "--student", student, "--teacher", teacher, "--batch-size", 16,
-            "--max-steps", 12, "--log-every", 4, "--checkpoint-every", 0, "--queue-size", 64, "--head-init", "random",
-            "--max-bad-steps", 3]
+    base = [
+        "--shards",
+        root / "shards",
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--batch-size",
+        16,
+        "--max-steps",
+        12,
+        "--log-every",
+        4,
+        "--checkpoint-every",
+        0,
+        "--queue-size",
+        64,
+        "--head-init",
+        "random",
+        "--max-bad-steps",
+        3,
+    ]
     os.environ["DISCO_INJECT_NAN_AT_BATCHES"] = "2,3"  # two bad batches in a row: skipped, the run goes on
     try:
         result = launch("distill.py", base + ["--run-dir", run])
@@ -204,12 +319,15 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops_with_a_checkpoint(setup
         os.environ["DISCO_INJECT_NAN_AT_BATCHES"] = "5,6,7"  # 3 in a row after 5 good steps -> stop
         stopped = tmp_path / "stopped"
         result = launch("distill.py", base + ["--run-dir", stopped])
-        assert result.returncode == 2 and "NaN or inf 3 times in a row at step 5" in result.stderr, result.stderr[-3000:]
+        assert result.returncode == 2 and "NaN or inf 3 times in a row at step 5" in result.stderr, result.stderr[
+            -3000:
+        ]
         assert (stopped / "checkpoints" / "step-00000005" / "COMPLETE").exists()
     finally:
         del os.environ["DISCO_INJECT_NAN_AT_BATCHES"]
 
 
+@pytest.mark.slow
 def test_zero2_student_engine_resumes_exactly(setup, tmp_path):
     """The shipped ZeRO-2 config (optimizer states partitioned over the ranks) trains and resumes exactly too."""
     root, student, teacher = setup
@@ -218,14 +336,17 @@ def test_zero2_student_engine_resumes_exactly(setup, tmp_path):
     result = launch("distill.py", distill_args(root, student, teacher, full, *zero2))
     assert result.returncode == 0 and "finished: 20 steps" in result.stdout, result.stderr[-3000:]
     resumed = tmp_path / "resumed"
-    result = launch("distill.py", distill_args(root, student, teacher, resumed, *zero2, "--resume",
-                                               full / "checkpoints" / "step-00000010"))
+    result = launch(
+        "distill.py",
+        distill_args(root, student, teacher, resumed, *zero2, "--resume", full / "checkpoints" / "step-00000010"),
+    )
     assert result.returncode == 0 and "at step 10" in result.stdout, result.stderr[-3000:]
     logged, again = scalars(full), scalars(resumed)
     for step in (15, 20):
         assert again["loss/ckd"][step] == pytest.approx(logged["loss/ckd"][step], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_shard_stops_the_run_or_is_skipped_on_every_rank(setup, tmp_path):
     """A truncated shard and one replaced after indexing (stale index): by default the run stops before
     training with one line naming them; with --bad-shards skip both ranks leave them out and finish."""
@@ -237,16 +358,40 @@ def test_bad_shard_stops_the_run_or_is_skipped_on_every_rank(setup, tmp_path):
     truncated = shards / "shard-000003.tar"
     truncated.write_bytes(truncated.read_bytes()[:5000])
     shutil.copy(shards / "shard-000001.tar", shards / "shard-000007.tar")  # a valid tar, not the indexed one
-    args = ["--shards", shards, "--student", student, "--teacher", teacher, "--batch-size", 16, "--max-steps", 6,
-            "--checkpoint-every", 0, "--queue-size", 64, "--head-init", "random", "--log-every", 3]
+    args = [
+        "--shards",
+        shards,
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--batch-size",
+        16,
+        "--max-steps",
+        6,
+        "--checkpoint-every",
+        0,
+        "--queue-size",
+        64,
+        "--head-init",
+        "random",
+        "--log-every",
+        3,
+    ]
 
     result = launch("distill.py", [*args, "--run-dir", tmp_path / "stop"])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "2 shard(s)" in errors[0] and "shard-000003.tar, shard-000007.tar" in errors[0] and "--bad-shards skip" in errors[0]
+    assert (
+        "2 shard(s)" in errors[0]
+        and "shard-000003.tar, shard-000007.tar" in errors[0]
+        and "--bad-shards skip" in errors[0]
+    )
 
     result = launch("distill.py", [*args, "--run-dir", tmp_path / "skip", "--bad-shards", "skip"], timeout=300)
-    assert result.returncode == 0 and "finished: 6 steps" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and "finished: 6 steps" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
     assert "skipping them (200 of 1200 sentences)" in result.stdout
     summary = json.loads((tmp_path / "skip" / "train_summary.json").read_text())
     assert summary["skipped_bad_shards"] == ["shard-000003.tar", "shard-000007.tar"]
@@ -257,15 +402,19 @@ def small_disk(tmp_path):
     """A 1.2 MiB tmpfs: room for the run folder and one checkpoint of the tiny student (0.7 MiB), not two."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
-def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_previous_one_resumes(setup, uninterrupted, small_disk, tmp_path):
+@pytest.mark.slow
+def test_disk_full_at_a_checkpoint_stops_cleanly_and_the_previous_one_resumes(
+    setup, uninterrupted, small_disk, tmp_path
+):
     import shutil
 
     root, student, teacher = setup

@@ -3,13 +3,14 @@
 Where the data lives: `--data-root` flag, else `$DISCO_DATA_ROOT`, else `../shared/data` beside the
 repository (or beside the current directory) when it exists.
 """
+
 import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import REPO_ROOT
 
 ENV_VAR = "DISCO_DATA_ROOT"
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 HOW_TO_SET = f"pass --data-root DIR or set {ENV_VAR}=DIR (the folder holding sts/, sick/, nli/, wiki/)"
 
 
@@ -41,6 +42,14 @@ from .nli import read_nli_triplets  # noqa: E402
 from .sts import STS_TASKS, StsPairs, read_sick, read_sts_benchmark, read_sts_task, read_sts_year  # noqa: E402
 
 __all__ = [
-    "resolve_data_root", "require_file", "read_corpus", "read_nli_triplets", "STS_TASKS", "StsPairs",
-    "read_sick", "read_sts_benchmark", "read_sts_task", "read_sts_year",
+    "resolve_data_root",
+    "require_file",
+    "read_corpus",
+    "read_nli_triplets",
+    "STS_TASKS",
+    "StsPairs",
+    "read_sick",
+    "read_sts_benchmark",
+    "read_sts_task",
+    "read_sts_year",
 ]

@@ -1,4 +1,5 @@
 """Plain-text corpora (one sentence per line, optionally gzip) for distillation."""
+
 import gzip
 from dataclasses import dataclass
 

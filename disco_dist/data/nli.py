@@ -1,4 +1,5 @@
 """NLI triplets for supervised contrastive fine-tuning: SimCSE's `sent0,sent1,hard_neg` CSV layout."""
+
 from pathlib import Path
 
 from ..errors import UserError
@@ -23,11 +24,15 @@ def read_nli_triplets(paths=None, data_root=None):
     table = datasets.load_dataset("csv", data_files=files, split="train", keep_in_memory=True)
     missing = [c for c in NLI_COLUMNS if c not in table.column_names]
     if missing:
-        raise UserError(f"{', '.join(files)}: missing column(s) {', '.join(missing)}; "
-                        f"expected a CSV header '{','.join(NLI_COLUMNS)}' (found: {','.join(table.column_names)})")
+        raise UserError(
+            f"{', '.join(files)}: missing column(s) {', '.join(missing)}; "
+            f"expected a CSV header '{','.join(NLI_COLUMNS)}' (found: {','.join(table.column_names)})"
+        )
     columns = [table[c] for c in NLI_COLUMNS]
     for row, values in enumerate(zip(*columns)):
         if any(v is None or not str(v).strip() for v in values):
-            raise UserError(f"{', '.join(files)}: data row {row + 1} has an empty cell; every triplet needs "
-                            "all three sentences (remove or fill the row)")
+            raise UserError(
+                f"{', '.join(files)}: data row {row + 1} has an empty cell; every triplet needs "
+                "all three sentences (remove or fill the row)"
+            )
     return tuple([str(v) for v in col] for col in columns)

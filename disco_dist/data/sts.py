@@ -3,6 +3,7 @@
 Each returns `StsPairs`: two sentence lists and the gold scores, in file order. Files are tab-separated
 text with quote characters that are part of the sentences, so they are split on tabs, never CSV-parsed.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 

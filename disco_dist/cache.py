@@ -1,0 +1,161 @@
+"""The teacher-cache pass: embed every sentence of a shard folder once, into new shards with fp16 embeddings.
+
+Rank r embeds shards r, r+W, ... with the (ZeRO-3) teacher; every rank runs the same number of teacher
+forwards (padding ones where it has fewer), and rank 0 writes the index once all are done. A cut-short pass
+continues where it stopped: each shard is renamed into place only when whole, and a plan file says what the
+finished shards were made from.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from . import distributed
+from .errors import UserError
+from .files import sha256_of, write_json_atomic
+from .shards import (
+    INDEX,
+    ShardFile,
+    count_shard_samples,
+    iter_shard_samples,
+    prepare_output_folder,
+    read_index,
+    verified_index,
+    write_index,
+)
+from .teacher import ZeroTeacher
+
+CACHE_PLAN = "cache-plan.json"  # in an unfinished cache folder: what its finished shards were made from
+
+
+def shard_groups(shards: list, counts: list, group_sentences: int) -> list:
+    """Consecutive shards joined until a group holds at least `group_sentences` sentences."""
+    groups, current, size = [], [], 0
+    for i in shards:
+        current.append(i)
+        size += counts[i]
+        if size >= group_sentences:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def cache_teacher_embeddings(
+    teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print, group_sentences: int = 4096
+):
+    """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
+    the source. Rank r writes shards r, r+W, ...; rank 0 writes the index once every rank is done.
+
+    Re-running the same command on an unfinished folder continues it: finished shards are kept (each is
+    renamed into place only when whole) if the folder's plan matches this source, teacher and max length."""
+    source = verified_index(read_index(source_folder), env.rank, env.world_size, "stop")
+    if source.teacher is not None:
+        raise UserError(f"{source_folder} already holds teacher embeddings ({source.teacher['model']})")
+    out_folder = Path(out_folder)
+    plan = cache_plan(teacher, source_folder)
+    done = set(_finished_shards(source, out_folder, plan, overwrite))  # every rank: a refusal stops them all
+    distributed.barrier()
+    if env.is_main:
+        prepare_output_folder(out_folder, overwrite, keep_finished_shards=True)
+        write_json_atomic(out_folder / CACHE_PLAN, plan)
+        if done:
+            log(f"continuing {out_folder}: {len(done)} of {len(source.shards)} shards already cached")
+    distributed.barrier()
+    to_do = [i for i in range(len(source.shards)) if i not in done]
+    groups = [shard_groups(to_do[r :: env.world_size], source.counts, group_sentences) for r in range(env.world_size)]
+    forwards_needed = [
+        sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank) for per_rank in groups
+    ]
+    finished, forwards, start = 0, 0, time.perf_counter()
+    for group in groups[env.rank]:
+        # sentences of several shards are length-sorted together: less padding than shard by shard
+        samples = [list(iter_shard_samples([source.paths()[i]], with_keys=True)) for i in group]
+        embeddings = teacher.embed([text for shard in samples for _, text, _ in shard])
+        forwards += -(-len(embeddings) // teacher.batch_size)
+        first = 0
+        for i, shard_samples in zip(group, samples):
+            shard = ShardFile(out_folder / source.shards[i]["name"])
+            for (key, text, _), embedding in zip(shard_samples, embeddings[first : first + len(shard_samples)].numpy()):
+                shard.write(key, text, embedding)
+            shard.close()
+            first += len(shard_samples)
+        finished += len(group)
+        if env.is_main:
+            log(
+                f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(to_do[:: env.world_size])} "
+                "of this rank's shards)"
+            )
+    for _ in range(max(forwards_needed) - forwards):
+        teacher.padding_forward()
+    distributed.barrier()
+    seconds = time.perf_counter() - start
+    if env.is_main:
+        entries = [
+            {
+                "name": source.shards[i]["name"],
+                "samples": source.counts[i],
+                "sha256": sha256_of(out_folder / source.shards[i]["name"]),
+            }
+            for i in range(len(source.shards))
+        ]
+        meta = {k: v for k, v in source.meta.items() if k != "format"}
+        index = write_index(
+            out_folder,
+            source.total,
+            entries,
+            **meta,
+            teacher_source=str(Path(source_folder).resolve()),
+            teacher={
+                "model": str(teacher.encoder.model.name_or_path),
+                "dim": teacher.dim,
+                "dtype": "float16",
+                "pooling": teacher.encoder.pooling,
+                "normalize": teacher.encoder.normalize,
+                "max_length": teacher.encoder.max_length,
+                "precision": "bf16" if teacher.bf16 else "fp32",
+                "batch_size": teacher.batch_size,
+                "world_size": env.world_size,
+                "seconds": round(seconds, 2),
+                # this pass's rate; a continued pass counts only the shards it embedded
+                "sentences_per_s": round(sum(source.counts[i] for i in to_do) / seconds, 2),
+            },
+        )
+        (out_folder / CACHE_PLAN).unlink()
+        log(
+            f"wrote {index.total} sentences with teacher embeddings in {len(entries)} shards to {out_folder} "
+            f"({index.teacher['sentences_per_s']} sentences/s)"
+        )
+    distributed.barrier()
+
+
+def cache_plan(teacher: ZeroTeacher, source_folder) -> dict:
+    """What a cache's shards depend on: finished shards are reused only under an equal plan."""
+    return {
+        "source_index_sha256": sha256_of(Path(source_folder) / INDEX),
+        "teacher": str(teacher.encoder.model.name_or_path),
+        "max_length": teacher.encoder.max_length,
+        "precision": "bf16" if teacher.bf16 else "fp32",
+    }
+
+
+def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> list:
+    """Source shard numbers already cached whole in an unfinished `out_folder` made by the same plan."""
+    plan_path = out_folder / CACHE_PLAN
+    if (out_folder / INDEX).exists() and not overwrite:
+        raise UserError(f"{out_folder} already holds shards; choose a new --out folder (or --overwrite)")
+    if overwrite or not plan_path.is_file():
+        return []
+    try:
+        earlier = json.loads(plan_path.read_text())
+    except ValueError:
+        earlier = None
+    if earlier != plan:
+        raise UserError(
+            f"{out_folder} holds an unfinished cache of another source, teacher, max length or precision "
+            f"({plan_path}); choose a new --out folder (or --overwrite)"
+        )
+    return [
+        i
+        for i, entry in enumerate(source.shards)
+        if count_shard_samples(out_folder / entry["name"]) == entry["samples"]
+    ]

@@ -1,0 +1,122 @@
+"""The pipeline's commands, one function each: what `launchers/<name>.py`, a SLURM batch script and a Submitit
+job run. A launcher is `main(name)`; the pipeline calls `run_command(name, argv)`, which lets a `UserError`
+travel whole to the caller (Submitit hands it to submit.py).
+
+    python -m disco_dist.commands NAME [FLAGS...]      # the same as python launchers/NAME.py [FLAGS...]
+"""
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, distributed
+from .errors import exit_on_user_error
+
+
+def make_shards(args) -> Path:
+    from .data import resolve_data_root
+    from .shards import make_shards as write_shards
+
+    corpus = Path(args.corpus) if args.corpus else resolve_data_root(args.data_root) / config.DEFAULT_CORPUS
+    write_shards(corpus, args.out, args.shard_size, args.seed, args.limit, args.overwrite)
+    return args.out
+
+
+def cache_teacher(args) -> Path:
+    from .cache import cache_teacher_embeddings
+    from .ds_config import load_ds_config
+    from .shards import read_index
+    from .teacher import ZeroTeacher
+
+    read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
+    load_ds_config(args.teacher_ds_config)
+    env = distributed.init_distributed(args.local_rank)
+    teacher = ZeroTeacher(
+        args.teacher,
+        args.teacher_ds_config,
+        env.device,
+        args.teacher_batch_size,
+        args.max_length,
+        precision=args.precision,
+    )
+    cache_teacher_embeddings(teacher, args.shards, args.out, env, overwrite=args.overwrite)
+    return args.out
+
+
+def train_stage(args, stage: str) -> str:
+    """`train` for one stage; a lost peer becomes one line, a pre-emption a requeue (and an exit)."""
+    from .resilience import Preempted, lost_peer_error, requeue_after
+    from .stages import STAGES
+    from .train import train
+
+    try:
+        return str(train(args, STAGES[stage]))
+    except RuntimeError as err:
+        lost = lost_peer_error(err, args.run_dir)
+        if lost is None:
+            raise
+        raise lost from None
+    except Preempted as stop:
+        requeue_after(stop)
+
+
+def evaluate(args) -> Path:
+    import torch
+
+    from .encoder import Encoder
+    from .evaluate import evaluate_sts, evaluation_record, format_table
+    from .files import write_json_atomic
+
+    encoder = Encoder.from_pretrained(
+        args.model, pooling=args.pooling, max_length=args.max_length, keep=args.keep_layers
+    )
+    encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.time()
+    scores = evaluate_sts(encoder, args.data_root, args.tasks, args.batch_size, progress=sys.stderr.isatty())
+    print(format_table({args.label or args.model: scores}))
+    write_json_atomic(
+        args.out,
+        {**evaluation_record(args.model, encoder, scores, time.time() - start), "keep_layers": args.keep_layers},
+    )
+    print(f"wrote {args.out}")
+    return args.out
+
+
+@dataclass(frozen=True)
+class Command:
+    parser: Callable  # () -> config.Parser
+    run: Callable  # (args) -> result
+    training: bool = False  # flags through config.parse (config file, checks)
+    ranks: bool = False  # may run as several ranks: end the process without the interpreter's teardown
+
+
+COMMANDS = {
+    "make_shards": Command(config.make_shards_parser, make_shards),
+    "cache_teacher": Command(config.cache_teacher_parser, cache_teacher, ranks=True),
+    "distill": Command(config.distill_parser, lambda args: train_stage(args, "distill"), training=True, ranks=True),
+    "finetune": Command(config.finetune_parser, lambda args: train_stage(args, "finetune"), training=True, ranks=True),
+    "evaluate": Command(config.evaluate_parser, evaluate),
+}
+
+
+def run_command(name: str, argv=None):
+    """Parse `argv` with the command's flags and run it; a UserError reaches the caller."""
+    command = COMMANDS[name]
+    parser = command.parser()
+    args = config.parse(parser, argv) if command.training else parser.parse_args(argv)
+    return command.run(args)
+
+
+def main(name: str, argv=None) -> None:
+    """The whole body of a launcher: one line for a user's error, and a clean exit once results are on disk."""
+    exit_on_user_error(run_command)(name, argv)
+    if COMMANDS[name].ranks:
+        distributed.exit_process(0)  # skip the interpreter teardown (see distributed.exit_process)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m disco_dist.commands {{{','.join(COMMANDS)}}} [FLAGS...]")
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,310 @@
+"""What the benchmark measures and how: worker processes (started, and what they report), device timing,
+FLOP counts, training rates from TensorBoard, and a recipe's encoding speed against its teacher.
+
+A worker is started as `python -m disco_dist.measure NAME SPEC_JSON`; the ranks of
+`worker_teacher_ranks` as that module under `deepspeed --module` (LOCAL_RANK in the environment, or
+`--local_rank N` among the arguments). Rank 0 prints one line: RESULT_PREFIX and the result as JSON.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .distributed import deepspeed_command
+from .files import REPO_ROOT
+
+RESULT_PREFIX = "BENCHMARK_RESULT "
+
+
+# ---------------------------------------------------------------- timing on a device
+
+
+def matmul_rate(device: torch.device, dtype=torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
+    """Dense matmul FLOP/s of this device with the current thread count: the best of timed bursts."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - t))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+
+def worker_st_training(spec: dict) -> dict:
+    """sentence-transformers' own distillation path: SentenceTransformerTrainer, MSELoss, teacher embeddings
+    as labels, the student plus a linear Dense to the teacher's width (what disco-dist's head is)."""
+    import tempfile
+
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from transformers import TrainerCallback
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import MSELoss
+        from sentence_transformers.sentence_transformer.modules import Dense
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.losses import MSELoss
+        from sentence_transformers.models import Dense
+
+    from .encoder import resolve_model_path
+    from .shards import iter_shard_samples, read_index
+
+    torch.manual_seed(0)
+    samples = list(iter_shard_samples(read_index(spec["shards"]).paths()))
+    model = SentenceTransformer(resolve_model_path(spec["student"]), device=spec["device"])
+    model.max_seq_length = spec["max_length"]
+    dim = model.get_sentence_embedding_dimension()
+    model.append(Dense(dim, len(samples[0][1]), activation_function=torch.nn.Identity()))
+    data = Dataset.from_dict(
+        {"sentence": [t for t, _ in samples], "label": [e.astype("float32").tolist() for _, e in samples]}
+    )
+
+    marks = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(torch.device(spec["device"]))
+            marks.append(time.perf_counter())
+
+    steps = spec["warmup_steps"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=spec["batch_size"],
+            max_steps=steps,
+            learning_rate=spec["lr"],
+            warmup_ratio=0.1,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10**6,
+            seed=0,
+            use_cpu=spec["device"] == "cpu",
+            bf16=spec["precision"] == "bf16",
+            dataloader_drop_last=True,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=data, loss=MSELoss(model), callbacks=[StepTimes()]
+        )
+        trainer.train()
+    seconds = marks[-1] - marks[spec["warmup_steps"] - 1]
+    return {"sentences_per_s": spec["steps"] * spec["batch_size"] / seconds}
+
+
+def worker_st_encode(spec: dict) -> dict:
+    """SentenceTransformer.encode of the teacher, at each batch size asked for; seconds of the encode alone."""
+    from sentence_transformers import SentenceTransformer
+
+    from .encoder import resolve_model_path
+    from .shards import iter_shard_samples, read_index
+
+    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]).paths())][: spec.get("limit")]
+    model = SentenceTransformer(resolve_model_path(spec["teacher"]), device=spec["device"])
+    model.max_seq_length = spec["max_length"]
+    if spec["precision"] == "bf16":
+        model = model.to(torch.bfloat16)
+    model.encode(texts[:8], batch_size=8)  # warm-up
+    rates = {}
+    for batch_size in spec["batch_sizes"]:
+        _sync(torch.device(spec["device"]))
+        start = time.perf_counter()
+        model.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+        _sync(torch.device(spec["device"]))
+        rates[batch_size] = len(texts) / (time.perf_counter() - start)
+    return {"sentences_per_s": rates}
+
+
+def worker_teacher_ranks(spec: dict) -> dict:
+    """Under `deepspeed --num_gpus 2`: every rank embeds its half of the sentences with the teacher, either
+    ZeRO-3 partitioned or a whole replica per rank, at the given teacher batch size."""
+    from . import distributed
+    from .encoder import Encoder
+    from .files import DS_CONFIGS
+    from .shards import iter_shard_samples, read_index
+    from .teacher import ZeroTeacher, default_teacher_batch_size
+
+    env = distributed.init_distributed(spec.get("local_rank", -1))
+    # both sides at the ZeRO-3 teacher's default for this device and world size
+    batch_size = spec["teacher_batch_size"] or default_teacher_batch_size(env.device, env.world_size > 1)
+    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]).paths())]
+    mine = texts[env.rank :: env.world_size]
+    if spec["mode"] == "zero3":
+        teacher = ZeroTeacher(
+            spec["teacher"],
+            DS_CONFIGS / "teacher_zero3.json",
+            env.device,
+            batch_size=batch_size,
+            max_length=spec["max_length"],
+        )
+        embed = teacher.embed
+    else:
+        encoder = Encoder.from_pretrained(spec["teacher"], max_length=spec["max_length"]).to(env.device)
+        embed = lambda chunk: encoder.encode(chunk, batch_size=batch_size)  # noqa: E731
+    embed(mine[:8])  # warm-up (and, under ZeRO-3, the same number of forwards on every rank)
+    distributed.barrier()
+    start = time.perf_counter()
+    embed(mine)
+    distributed.barrier()
+    seconds = time.perf_counter() - start
+    return {"sentences_per_s": len(texts[: len(mine) * env.world_size]) / seconds, "batch_size": batch_size}
+
+
+WORKERS = {"st_training": worker_st_training, "st_encode": worker_st_encode, "teacher_ranks": worker_teacher_ranks}
+
+
+def worker_main(name: str, spec: dict) -> None:
+    result = WORKERS[name](spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- processes and what they report
+
+
+def worker_argv(name: str, spec: dict, ranks: int = 0) -> list[str]:
+    """The argv of a worker of this module: one process, or `ranks` ranks under the deepspeed
+    launcher, which runs it as a module (`--module`; each rank finds LOCAL_RANK in its environment)."""
+    args = [__name__, name, json.dumps(spec)]
+    if ranks:
+        return deepspeed_command(ranks, *args, module=True)
+    return [sys.executable, "-m", *args]
+
+
+def run_checked(cmd: list, env: dict | None = None, timeout: int = 3600) -> str:
+    """Run a worker or a command (argument list, no shell); its stdout, or an error with its stderr's end."""
+    result = subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def printed_result(stdout: str, what: str) -> dict:
+    """The JSON a worker printed after RESULT_PREFIX."""
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise RuntimeError(f"{what} printed no result")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def alternate(side_a, side_b, repeats: int) -> tuple:
+    """Call A, B, A, B, ... `repeats` times each; the medians of their results (numbers) and all values."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(side_a())
+        b.append(side_b())
+    return statistics.median(a), statistics.median(b), a, b
+
+
+def training_flops_per_sentence(config, lengths: list, head_out: int | None) -> float:
+    """Forward + backward (3x forward) FLOPs of a BERT-style encoder per sentence, averaged over `lengths`
+    (real tokens): per layer and token 2*(4h^2 + 2hi) for the projections and feed-forward, plus 4*L*h for
+    attention scores and their weighted sum; plus the projection head."""
+    h, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_sentence = [layers * (2 * (4 * h * h + 2 * h * inner) * n + 4 * n * n * h) for n in lengths]
+    forward = sum(per_sentence) / len(per_sentence) + (2 * h * head_out if head_out else 0)
+    return 3 * forward
+
+
+def rate_after_warmup(run_dir: Path) -> float:
+    """Sentences/s of a training run over its TensorBoard intervals after the first (the warm-up): every
+    interval holds the same number of sentences, so the overall rate is the harmonic mean."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    rates = [e.value for e in sorted(events.Scalars("throughput/sentences_per_s"), key=lambda e: e.step)][1:]
+    if not rates:
+        raise RuntimeError(f"{run_dir}: fewer than two logged intervals")
+    return len(rates) / sum(1 / r for r in rates)
+
+
+# ---------------------------------------------------------------- a recipe's encoding speed (docs/results.md)
+
+
+def encode_speed(
+    recipe: dict, teacher: str, texts: list, batch_sizes=(1, 128), repeats: int = 3, max_length: int = 128
+) -> list:
+    """Sentences/s of the student and the teacher encoding the same sentences at the same max length, one
+    process, alternating the two, medians of `repeats`: the speed column of the results table."""
+    from .encoder import Encoder
+
+    student = Encoder.from_pretrained(recipe["student"], max_length=max_length, keep=recipe.get("keep_layers"))
+    big = Encoder.from_pretrained(teacher, max_length=max_length)
+    rows = []
+    for batch_size in batch_sizes:
+        sample = texts[: max(64, 4 * batch_size)] if batch_size > 1 else texts[:64]
+        rates = {"student": [], "teacher": []}
+        for model in (student, big):
+            model.encode(sample[:batch_size], batch_size=batch_size)  # warm-up
+        for _ in range(repeats):
+            for name, model in (("student", student), ("teacher", big)):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model.encode(sample, batch_size=batch_size)
+                rates[name].append(len(sample) / (time.perf_counter() - start))
+        s, t = statistics.median(rates["student"]), statistics.median(rates["teacher"])
+        rows.append(
+            {
+                "student": recipe["label"],
+                "batch_size": batch_size,
+                "sentences": len(sample),
+                "max_length": max_length,
+                "student_sentences_per_s": round(s, 2),
+                "teacher_sentences_per_s": round(t, 2),
+                "speedup": round(s / t, 2),
+            }
+        )
+    return rows
+
+
+def main(argv: list) -> None:
+    """`NAME SPEC_JSON`, with deepspeed's `--local_rank=N` (or `--local-rank N`) anywhere among them."""
+    from .config import Parser, add_local_rank
+
+    parser = Parser(
+        prog="python -m disco_dist.measure", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("name", choices=list(WORKERS))
+    parser.add_argument("spec", help="the worker's settings as a JSON object (see disco_dist.benchmark)")
+    add_local_rank(parser)
+    args = parser.parse_args(argv)
+    worker_main(args.name, {**json.loads(args.spec), "local_rank": args.local_rank})
+
+
+if __name__ == "__main__":
+    from .distributed import exit_process
+    from .errors import exit_on_user_error
+
+    exit_on_user_error(main)(sys.argv[1:])
+    exit_process(0)  # the result is printed: skip the interpreter teardown (see disco_dist.distributed)

@@ -1,0 +1,38 @@
+"""The optimizer and its schedule: AdamW over parameter groups, linear warm-up then cosine decay."""
+
+import math
+
+import torch
+
+
+def param_groups(model, weight_decay: float, scale_lr: float | None = None) -> list:
+    """Weight decay on matrices only (not on biases, LayerNorm weights or the logit scale); the learnable
+    logit scale in a group of its own when it has its own learning rate (scale_lr; None: the optimizer's)."""
+    scale = list(model.scale.parameters()) if scale_lr is not None and model.scale is not None else []
+    own = {id(p) for p in scale}
+    trained = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    groups = [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return groups + ([{"params": scale, "weight_decay": 0.0, "lr": scale_lr}] if scale else [])
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(student, args, total_steps: int) -> tuple:
+    """(AdamW, its LambdaLR schedule) for the student under the run's flags; the engine steps both."""
+    optimizer = torch.optim.AdamW(
+        param_groups(student, args.weight_decay, args.logit_scale_lr), lr=args.lr, betas=(0.9, 0.98)
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, args.warmup_ratio))
