@@ -81,7 +81,7 @@ def flags(options: dict) -> list:
         flag = "--" + key.replace("_", "-")
         if value is True:
             out.append(flag)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value (0 == False in Python)
             out += [flag, *(value if isinstance(value, list) else [value])]
     return out
 

@@ -30,9 +30,9 @@ def test_every_recipe_is_valid_launcher_flags(name):
     recipe = load_recipe(name)
     keep = ["--keep-layers", *map(str, recipe["keep_layers"])] if recipe.get("keep_layers") else []
     distill = distill_parser().parse_args(["--student", recipe["student"], *keep, *map(str, flags(recipe["distill"]))])
-    assert distill.batch_size == recipe["distill"]["batch_size"]
+    assert {k: getattr(distill, k) for k in recipe["distill"]} == recipe["distill"]
     finetune = finetune_parser().parse_args(["--student", "x", *map(str, flags(recipe["finetune"]))])
-    assert finetune.batch_size == recipe["finetune"]["batch_size"]
+    assert {k: getattr(finetune, k) for k in recipe["finetune"]} == recipe["finetune"]
 
 
 def test_targets_come_from_the_recipe_files_in_their_order():
@@ -192,3 +192,15 @@ def test_a_run_shared_by_two_rows_is_listed_once_with_its_record():
     )
     assert "| `runs/S2/ft-after-ckd` | finetune | sup_contrastive | 5e-05 | 64 | 99 | all NLI triplets |" in table
     assert "| 781, 28 min, 21.71 | 99, 5 min |" in table  # the DisCo row: both of its stages
+
+
+def test_a_zero_in_a_recipe_is_passed_as_a_flag_value():
+    """0 == False in Python: `"checkpoint_every": 0` (the demo recipe's) must become `--checkpoint-every 0`,
+    not be dropped like a false switch."""
+    assert flags({"checkpoint_every": 0, "mse_weight": 0.0, "fixed_logit_scale": False, "head": None}) == [
+        "--checkpoint-every",
+        0,
+        "--mse-weight",
+        0.0,
+    ]
+    assert flags({"fixed_logit_scale": True, "keep_layers": [0, 2]}) == ["--fixed-logit-scale", "--keep-layers", 0, 2]
