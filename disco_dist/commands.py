@@ -5,6 +5,7 @@ travel whole to the caller (Submitit hands it to submit.py).
     python -m disco_dist.commands NAME [FLAGS...]      # the same as python launchers/NAME.py [FLAGS...]
 """
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -101,17 +102,20 @@ COMMANDS = {
 }
 
 
-def run_command(name: str, argv=None):
-    """Parse `argv` with the command's flags and run it; a UserError reaches the caller."""
+def run_command(name: str, argv=None, description: str | None = None):
+    """Parse `argv` with the command's flags and run it; a UserError reaches the caller. `description`: the
+    --help text to show instead of the parser's own (a launcher's docstring, with its examples)."""
     command = COMMANDS[name]
     parser = command.parser()
+    if description:
+        parser.description, parser.formatter_class = description, argparse.RawDescriptionHelpFormatter
     args = config.parse(parser, argv) if command.training else parser.parse_args(argv)
     return command.run(args)
 
 
-def main(name: str, argv=None) -> None:
+def main(name: str, argv=None, description: str | None = None) -> None:
     """The whole body of a launcher: one line for a user's error, and a clean exit once results are on disk."""
-    exit_on_user_error(run_command)(name, argv)
+    exit_on_user_error(run_command)(name, argv, description)
     if COMMANDS[name].ranks:
         distributed.exit_process(0)  # skip the interpreter teardown (see distributed.exit_process)
 

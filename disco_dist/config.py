@@ -43,7 +43,7 @@ def add_teacher_flags(group) -> None:
         "--teacher-batch-size",
         type=int,
         help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, "
-        "16 with one); online mode embeds several student batches per call",
+        "16 with one); distill's online mode embeds several student batches per call",
     )
 
 

@@ -95,74 +95,34 @@ class Job:
         )
 
 
-def build_jobs(args, recipe: dict) -> list:
-    """The pipeline's jobs for submit.py's flags: `recipe` (recipes/demo.json by default) gives the stages'
-    flags, and --distill-args / --finetune-args come after them (the last value of a flag wins)."""
+def build_jobs(args) -> list:
+    """The pipeline's jobs for submit.py's flags (their defaults: recipes/demo.json)."""
     from .recipes import flags
 
     run = args.run_dir.resolve()
     shards, cached = run / "shards", run / "shards-teacher"
-    common = ["--data-root", args.data_root] if args.data_root else []
+    common = {"data_root": args.data_root}
     training = Resources(
         args.nodes, args.tasks_per_node, args.cpus_per_task, args.gpus_per_node, args.time, args.partition
     )
-    keep = ["--keep-layers", *args.keep_layers] if args.keep_layers else []
-    distill_source = cached if args.teacher_mode == "cached" else shards
+    shard_flags = dict(out=shards, limit=args.sentences, shard_size=args.shard_size, overwrite=True, corpus=args.corpus)
+    distill = dict(
+        shards=cached if args.teacher_mode == "cached" else shards,
+        student=args.student,
+        keep_layers=args.keep_layers or None,
+        teacher=args.teacher,
+        run_dir=run / "distill",
+        resume="auto",
+    )
+    finetune = dict(student=run / "distill" / "final", run_dir=run / "finetune", resume="auto")
     jobs = [
-        Job(
-            "shards",
-            [
-                "--out",
-                shards,
-                "--limit",
-                args.sentences,
-                "--shard-size",
-                args.shard_size,
-                "--overwrite",
-                *common,
-                *(["--corpus", args.corpus] if args.corpus else []),
-            ],
-            training.single(),
-        ),
-        Job("cache", ["--shards", shards, "--out", cached, "--teacher", args.teacher, "--overwrite"], training),
-        Job(
-            "distill",
-            [
-                "--shards",
-                distill_source,
-                "--student",
-                args.student,
-                *keep,
-                "--teacher",
-                args.teacher,
-                "--run-dir",
-                run / "distill",
-                "--resume",
-                "auto",
-                *common,
-                *flags(recipe["distill"]),
-                *shlex.split(args.distill_args),
-            ],
-            training,
-        ),
-        Job(
-            "finetune",
-            [
-                "--student",
-                run / "distill" / "final",
-                "--run-dir",
-                run / "finetune",
-                "--resume",
-                "auto",
-                *common,
-                *flags(recipe["finetune"]),
-                *shlex.split(args.finetune_args),
-            ],
-            training,
-        ),
+        Job("shards", flags({**shard_flags, **common}), training.single()),
+        Job("cache", flags(dict(shards=shards, out=cached, teacher=args.teacher, overwrite=True)), training),
+        Job("distill", flags({**distill, **common}) + shlex.split(args.distill_args), training),
+        Job("finetune", flags({**finetune, **common}) + shlex.split(args.finetune_args), training),
         Job(
             "evaluate",
-            [run / "finetune" / "final", "--out", run / "eval_sts.json", "--label", "DisCo student", *common],
+            [run / "finetune" / "final", *flags(dict(out=run / "eval_sts.json", label="DisCo student", **common))],
             training.single(),
         ),
     ]

@@ -18,10 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .distributed import command_argv, threads_per_rank
 from .errors import UserError
 from .files import RECIPES, REPO_ROOT
-from .results import METHODS, hardware
 
 NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return ", "Loading weights")
 
@@ -29,6 +27,8 @@ NOISE = ("[INFO]", "[real_accelerator.py", "[runner.py", "Warning:", "  return "
 def run_command_logged(name: str, *args, ranks: int = 0, log=print) -> None:
     """Run one of the pipeline's commands (as `ranks` ranks under the deepspeed launcher, or one process), its
     command line printed first and its output streamed, noise dropped; a failure is one line."""
+    from .distributed import command_argv, threads_per_rank
+
     cmd = command_argv(name, *args, ranks=ranks)
     log("\n$ " + " ".join(cmd))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -151,6 +151,8 @@ class Reproduction:
         return [distilled, self.finetuned(str(distilled / "final"), f"ft-after-{loss}", [])]
 
     def row(self, method: str, command: str) -> dict:
+        from .results import METHODS, hardware
+
         if method not in METHODS:
             raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
         runs = self.runs(method)
@@ -207,18 +209,14 @@ def _rounded(value, digits=2):
 
 
 def print_recipe(argv: list) -> None:
-    """`python -m disco_dist.recipes NAME KEY`: one value of a recipe (a list as words), or with KEY distill or
-    finetune that stage's flags one per line, for shell scripts (slurm/*.sbatch take their defaults so)."""
+    """`python -m disco_dist.recipes NAME KEY`: one value of a recipe (a list as words), for shell scripts
+    (slurm/*.sbatch take their defaults from the demo recipe so). Imports nothing heavy."""
     if len(argv) != 2:
-        sys.exit("usage: python -m disco_dist.recipes RECIPE {distill,finetune,KEY}")
-    recipe = load_recipe(argv[0])
-    value = recipe.get(argv[1])
-    if argv[1] in ("distill", "finetune"):
-        print("\n".join(str(flag) for flag in flags(value)))
-    elif isinstance(value, list):
-        print(" ".join(map(str, value)))
-    elif value is not None:
-        print(value)
+        raise UserError("usage: python -m disco_dist.recipes RECIPE KEY")
+    value = load_recipe(argv[0]).get(argv[1])
+    if value is None:
+        raise UserError(f"recipe {argv[0]} has no {argv[1]!r}")
+    print(" ".join(map(str, value)) if isinstance(value, list) else value)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def requeue_after(stop: Preempted) -> None:
         print(stop, flush=True)
         if callable(stop.previous_handler):
             stop.previous_handler(signal.SIGUSR2, None)
-        # Only rank 0 gets here (the handler requeues and exits it). The others leave quietly, a moment later,
-        # so that the requeue is in before the job could look finished.
+        # Submitit's handler requeues the job and exits rank 0; the other ranks get here and leave quietly, a
+        # moment later, so that the requeue is in before the job could look finished.
         time.sleep(10)
         os._exit(0)
     job = os.environ.get("SLURM_JOB_ID")

@@ -62,12 +62,10 @@ def merge_speed_rows(path: Path, rows: list) -> None:
 
 def recipe_targets() -> list:
     """(student label, target) for every target of the recipes in recipes/ (variants are never judged)."""
-    out = []
-    for path in sorted(RECIPES.glob("*.json")):
-        recipe = json.loads(path.read_text())
-        if "base" not in recipe:
-            out += [(recipe.get("student_label", path.stem), target) for target in recipe.get("targets", [])]
-    return out
+    from .recipes import load_recipe
+
+    recipes = [load_recipe(str(path)) for path in sorted(RECIPES.glob("*.json"))]
+    return [(r["student_label"], t) for r in recipes if "variant" not in r for t in r.get("targets", [])]
 
 
 def targets(rows: list, recipe_targets_: list | None = None) -> list:

@@ -59,7 +59,8 @@ def count_total_steps(stage, args) -> int:
 
 
 def build_engine(stage, args, env, total_steps: int) -> tuple:
-    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW and its schedule; (engine, bf16)."""
+    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW and its schedule;
+    (engine, schedule, bf16)."""
     bf16 = use_bf16(args.precision, env.device)
     ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=bf16)
     ds_config["gradient_clipping"] = args.grad_clip
@@ -69,7 +70,7 @@ def build_engine(stage, args, env, total_steps: int) -> tuple:
     engine, *_ = distributed.import_deepspeed().initialize(
         model=stage.student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
-    return engine, bf16
+    return engine, schedule, bf16
 
 
 def train(args, stage_class) -> Path:
@@ -80,7 +81,7 @@ def train(args, stage_class) -> Path:
     random.seed(args.seed)
     stage = stage_class(args, env)  # builds the student first, then any ZeRO-3 teacher
     state = TrainState(total_steps=count_total_steps(stage, args))
-    engine, bf16 = build_engine(stage, args, env, state.total_steps)
+    engine, schedule, bf16 = build_engine(stage, args, env, state.total_steps)
     stopwatch = Stopwatch()
     stopwatch.wrap(engine, "allreduce_gradients", "comm")  # the data-parallel gradient all-reduce
 
@@ -165,8 +166,7 @@ def train(args, stage_class) -> Path:
             last = state.step == state.total_steps
             if state.step % args.log_every == 0 or last:
                 metrics.flush(
-                    state.step,
-                    {"lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine), **stage.gauges()},
+                    state.step, {"lr": schedule.get_last_lr()[0], "grad_norm": _grad_norm(engine), **stage.gauges()}
                 )
             with metrics.paused_clock():
                 if args.eval_every and (state.step % args.eval_every == 0 or last):

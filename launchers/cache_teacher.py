@@ -7,4 +7,4 @@ shards holding the sentences with their fp16 teacher embeddings; `distill.py` th
 from disco_dist.commands import main
 
 if __name__ == "__main__":
-    main("cache_teacher")
+    main("cache_teacher", description=__doc__)

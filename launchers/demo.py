@@ -58,6 +58,7 @@ def main(argv=None):
     eval_cache.mkdir(parents=True, exist_ok=True)
     teacher, student, layers = demo["teacher"], demo["student"], [str(i) for i in demo["keep_layers"]]
 
+    print("\n$ python launchers/fetch_models.py", flush=True)
     for name in (teacher, student):
         print(f"{name}: {fetch_model(name)}", flush=True)
     shards, cached = run_dir / "shards", run_dir / "shards-teacher"

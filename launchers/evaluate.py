@@ -8,4 +8,4 @@ python launchers/evaluate.py all-MiniLM-L6-v2 --keep-layers 0 2 5 --label minilm
 from disco_dist.commands import main
 
 if __name__ == "__main__":
-    main("evaluate")
+    main("evaluate", description=__doc__)

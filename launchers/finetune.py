@@ -9,4 +9,4 @@ On CPU, `deepspeed --num_gpus N` starts N CPU ranks (gloo, fp32); give each OMP_
 from disco_dist.commands import main
 
 if __name__ == "__main__":
-    main("finetune")
+    main("finetune", description=__doc__)

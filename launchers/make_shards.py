@@ -9,4 +9,4 @@ Empty and duplicate lines and undecodable bytes are dropped and counted; text is
 from disco_dist.commands import main
 
 if __name__ == "__main__":
-    main("make_shards")
+    main("make_shards", description=__doc__)

@@ -1,4 +1,4 @@
-"""Submit the whole DisCo pipeline to SLURM with Submitit, one job per stage, chained with afterok:
+"""Submit the whole DisCo pipeline to SLURM with Submitit, one SLURM job per command, chained with afterok:
 
     shards -> teacher cache -> distill (CKD) -> fine-tune -> evaluate
 
@@ -8,47 +8,51 @@
     python launchers/submit.py --dry-run                        # print what would be submitted
     python launchers/submit.py --local                          # the same through Submitit's LocalExecutor
 
-The training stages requeue themselves on the pre-timeout signal and resume from their checkpoint.
-With --wait (the default for --local) it follows the chain and reports each stage; a failed stage stops
+The training jobs requeue themselves on the pre-timeout signal and resume from their checkpoint.
+With --wait (the default for --local) it follows the chain and reports each job; a failed job stops
 the chain and its error is printed here.
 """
 
 import argparse
+import shlex
 from pathlib import Path
 
 from disco_dist.config import Parser, add_data_root
 from disco_dist.errors import exit_on_user_error
 from disco_dist.pipeline import build_jobs, follow, submit
-from disco_dist.recipes import load_recipe
+from disco_dist.recipes import flags, load_recipe
 
 
 @exit_on_user_error
 def main(argv=None):
     parser = Parser(prog="submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--recipe",
-        default="demo",
-        help="recipe the defaults and the stages' flags come from (default: recipes/demo.json)",
-    )
+    demo = load_recipe("demo")
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "pipeline")
     parser.add_argument("--corpus", help="text corpus (default: the shared Wikipedia sentences)")
     add_data_root(parser)
-    parser.add_argument("--sentences", type=int, help="distillation sentences, a corpus prefix (default: the recipe's)")
-    parser.add_argument("--shard-size", type=int, help="sentences per shard (default: the recipe's)")
-    parser.add_argument("--teacher", help="default: the recipe's")
-    parser.add_argument("--student", help="default: the recipe's")
+    parser.add_argument(
+        "--sentences", type=int, default=demo["sentences"], help="distillation sentences (corpus prefix)"
+    )
+    parser.add_argument("--shard-size", type=int, default=demo["shard_size"])
+    parser.add_argument("--teacher", default=demo["teacher"])
+    parser.add_argument("--student", default=demo["student"])
     parser.add_argument(
         "--keep-layers",
         nargs="+",
-        help="student layers to keep (default: the recipe's; give 'all' to keep every layer)",
+        default=[str(i) for i in demo["keep_layers"]],
+        help="student layers to keep (give 'all' to keep every layer)",
     )
     parser.add_argument("--teacher-mode", choices=("cached", "online"), default="cached")
     parser.add_argument(
         "--distill-args",
-        default="",
-        help="more flags for distill.py, after the recipe's (one quoted string; the last value of a flag wins)",
+        default=shlex.join(map(str, flags(demo["distill"]))),
+        help="flags for distill.py (one quoted string; default: the demo recipe's, recipes/demo.json)",
     )
-    parser.add_argument("--finetune-args", default="", help="more flags for finetune.py, after the recipe's")
+    parser.add_argument(
+        "--finetune-args",
+        default=shlex.join(map(str, flags(demo["finetune"]))),
+        help="flags for finetune.py (one quoted string; default: the demo recipe's)",
+    )
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -67,13 +71,10 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands, submit nothing")
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="submit and return (SLURM only)")
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe)
-    for name in ("sentences", "shard_size", "teacher", "student", "keep_layers"):
-        if getattr(args, name) is None:
-            setattr(args, name, recipe[name])
-    args.keep_layers = [] if args.keep_layers in (["all"], None) else [str(i) for i in args.keep_layers]
+    if args.keep_layers == ["all"]:
+        args.keep_layers = []
 
-    jobs = build_jobs(args, recipe)
+    jobs = build_jobs(args)
     if args.dry_run:
         print("\n".join(job.describe() for job in jobs))
         return

@@ -1,4 +1,4 @@
-# Sourced by the stage batch scripts (slurm/*.sbatch): one process per task started by srun, each told
+# Sourced by the batch scripts (slurm/*.sbatch): one process per task started by srun, each told
 # its rank by SLURM (RANK <- SLURM_PROCID, WORLD_SIZE <- SLURM_NTASKS, LOCAL_RANK <- SLURM_LOCALID, read
 # by disco_dist.distributed), the master address from the job's first node; disco_dist.distributed derives
 # the port from the job id (set MASTER_PORT to choose it).
@@ -11,6 +11,7 @@ if [ ! -f "$REPO/launchers/distill.py" ]; then
 fi
 cd "$REPO"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's disco_dist, installed or not
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3)
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
@@ -30,8 +31,7 @@ run_on_tasks() {
   srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}"
 }
 
-# recipe KEY: a value of the demo recipe (recipes/demo.json), the batch scripts' defaults; recipe distill or
-# recipe finetune: that stage's flags, one per line (read them with mapfile)
+# recipe KEY: a value of the demo recipe (recipes/demo.json): the batch scripts' defaults come from it
 recipe() {
   "$PYTHON" -m disco_dist.recipes demo "$1"
 }

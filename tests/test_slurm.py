@@ -19,9 +19,6 @@ from disco_dist.distributed import deepspeed_command
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
 
-pytestmark = pytest.mark.slow  # a real SLURM cluster and whole jobs
-
-
 @pytest.fixture(scope="module")
 def slurm_env():
     if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
@@ -49,6 +46,7 @@ def sacct_state(job_id, env):
     return out[0] if out else "UNKNOWN"
 
 
+@pytest.mark.slow
 def test_sbatch_ckd_two_tasks_completes(slurm_env, tiny, tmp_path):
     root, student, teacher, _ = tiny
     run_dir = tmp_path / "run"
@@ -175,7 +173,8 @@ def tiny_pipeline_args(root, student, teacher, corpus, run_dir):
     ]
 
 
-def test_submit_pipeline_all_stages_complete_in_order(slurm_env, tiny, tmp_path):
+@pytest.mark.slow
+def test_submit_pipeline_all_jobs_complete_in_order(slurm_env, tiny, tmp_path):
     root, student, teacher, corpus = tiny
     run_dir = tmp_path / "pipeline"
     result = submit(tiny_pipeline_args(root, student, teacher, corpus, run_dir), slurm_env)
@@ -201,7 +200,8 @@ def test_submit_pipeline_all_stages_complete_in_order(slurm_env, tiny, tmp_path)
     assert "TensorBoard: tensorboard --logdir" in result.stdout
 
 
-def test_submit_failing_stage_stops_the_chain_with_its_error(slurm_env, tiny, tmp_path):
+@pytest.mark.slow
+def test_submit_failing_job_stops_the_chain_with_its_error(slurm_env, tiny, tmp_path):
     root, student, teacher, corpus = tiny
     args = tiny_pipeline_args(root, student, teacher, tmp_path / "no-such-corpus.txt", tmp_path / "broken")
     result = submit(args, slurm_env, timeout=240)
@@ -212,6 +212,7 @@ def test_submit_failing_stage_stops_the_chain_with_its_error(slurm_env, tiny, tm
     assert later and all(sacct_state(j, slurm_env) in ("CANCELLED", "CANCELLED+") for j in later)
 
 
+@pytest.mark.slow
 def test_submit_taken_rendezvous_port_ends_the_job_with_one_line(slurm_env, tiny, tmp_path):
     """A rank that cannot rendezvous ends its job at once (srun --kill-on-bad-exit) with a line naming the
     port, instead of its peers waiting out the rendezvous timeout and the job its time limit."""
@@ -241,6 +242,7 @@ def test_job_ports_lie_below_the_ephemeral_range():
     assert job_master_port("123_4") == job_master_port("123")  # an array's tasks share their job's port
 
 
+@pytest.mark.slow
 def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_path):
     """What a requeue relies on: SIGUSR2 to the ranks -> all checkpoint the same step and stop; rerun resumes."""
     root, student, teacher, _ = tiny
@@ -304,7 +306,8 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_pa
     )
 
 
-def test_submitit_training_stage_requeues_and_resumes(tiny, tmp_path):
+@pytest.mark.slow
+def test_submitit_training_job_requeues_and_resumes(tiny, tmp_path):
     """Submitit's path: SIGUSR2 to the job's tasks -> checkpoint at a step boundary -> Submitit requeues the
     job (LocalExecutor: restarts its tasks) -> the job resumes from that checkpoint and finishes."""
     from disco_dist.pipeline import Job, Resources
@@ -359,6 +362,7 @@ def test_submitit_training_stage_requeues_and_resumes(tiny, tmp_path):
     assert "finished: 300 steps" in log
 
 
+@pytest.mark.slow
 def test_submitit_training_job_that_loses_a_rank_says_so_in_one_line(tiny, tmp_path):
     """Submitit's path runs the same command code as a launcher: a rank killed mid-run ends the job with the
     lost-peer line (naming the last complete checkpoint), not gloo's bare error."""
