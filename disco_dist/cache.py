@@ -106,13 +106,8 @@ def cache_teacher_embeddings(
             **meta,
             teacher_source=str(Path(source_folder).resolve()),
             teacher={
-                "model": str(teacher.encoder.model.name_or_path),
-                "dim": teacher.dim,
+                **teacher.describe(),
                 "dtype": "float16",
-                "pooling": teacher.encoder.pooling,
-                "normalize": teacher.encoder.normalize,
-                "max_length": teacher.encoder.max_length,
-                "precision": "bf16" if teacher.bf16 else "fp32",
                 "batch_size": teacher.batch_size,
                 "world_size": env.world_size,
                 "seconds": round(seconds, 2),
@@ -135,6 +130,8 @@ def cache_plan(teacher: ZeroTeacher, source_folder) -> dict:
         "teacher": str(teacher.encoder.model.name_or_path),
         "max_length": teacher.encoder.max_length,
         "precision": "bf16" if teacher.bf16 else "fp32",
+        "prompt": teacher.encoder.prompt,
+        "truncate_dim": teacher.encoder.truncate_dim,
     }
 
 
@@ -151,7 +148,7 @@ def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> l
         earlier = None
     if earlier != plan:
         raise UserError(
-            f"{out_folder} holds an unfinished cache of another source, teacher, max length or precision "
+            f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt or dim "
             f"({plan_path}); choose a new --out folder (or --overwrite)"
         )
     return [

@@ -34,14 +34,7 @@ def cache_teacher(args) -> Path:
     read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
     load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
-    teacher = ZeroTeacher(
-        args.teacher,
-        args.teacher_ds_config,
-        env.device,
-        args.teacher_batch_size,
-        args.max_length,
-        precision=args.precision,
-    )
+    teacher = ZeroTeacher.from_args(args, env.device)
     cache_teacher_embeddings(teacher, args.shards, args.out, env, overwrite=args.overwrite)
     return args.out
 
@@ -71,7 +64,12 @@ def evaluate(args) -> Path:
     from .files import write_json_atomic
 
     encoder = Encoder.from_pretrained(
-        args.model, pooling=args.pooling, max_length=args.max_length, keep=args.keep_layers
+        args.model,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        keep=args.keep_layers,
+        prompt=args.prompt,
+        truncate_dim=args.dim,
     )
     encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.time()

@@ -45,6 +45,18 @@ def add_teacher_flags(group) -> None:
         help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, "
         "16 with one); distill's online mode embeds several student batches per call",
     )
+    group.add_argument(
+        "--teacher-prompt",
+        help="text put before every sentence the teacher embeds, e.g. a decoder "
+        "embedder's instruction (default: the teacher folder's default prompt, if any; '' for none)",
+    )
+    group.add_argument(
+        "--teacher-dim",
+        type=int,
+        metavar="N",
+        help="keep the first N dimensions of the teacher's "
+        "embeddings, re-normalised (Matryoshka-trained teachers; smaller caches)",
+    )
 
 
 def _common(parser: Parser, stage: str) -> None:
@@ -258,6 +270,8 @@ def evaluate_parser() -> Parser:
     parser.add_argument("--pooling", choices=POOLINGS, help="override the pooling the model folder records")
     parser.add_argument("--max-length", type=int, help="max tokens per sentence (default: the model's)")
     parser.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these layers (0-based)")
+    parser.add_argument("--prompt", help="text put before every sentence (default: the folder's default prompt)")
+    parser.add_argument("--dim", type=int, metavar="N", help="keep the first N dimensions (Matryoshka), re-normalised")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda where there is one, else cpu)")

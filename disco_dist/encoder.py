@@ -1,8 +1,14 @@
 """A sentence encoder: tokenizer + transformer + pooling + optional L2 normalisation.
 
-Loads a hub id or a local folder (reading the sentence-transformers pooling/normalise config where
-present), can keep a subset of layers to make a smaller student, and saves a folder that both
-`transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load.
+Loads a hub id or a local folder (reading the sentence-transformers pooling, normalisation, prompt and
+max-length config where present), can keep a subset of layers to make a smaller student, and saves a folder
+that both `transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load.
+
+Encoders (BERT, MPNet, MiniLM) pool the mean or the first token; decoder embedders (Qwen3-Embedding,
+gte-Qwen2, e5-mistral) pool the last real token, with left or right padding alike. A prompt is text put
+before every sentence, as sentence-transformers does it: its tokens are part of the input, so attention
+sees them and mean pooling averages over them too (`include_prompt: false` is refused, not ignored). A
+Matryoshka `truncate_dim` keeps the first N dimensions, re-normalised when the encoder normalises.
 """
 
 import json
@@ -18,7 +24,9 @@ from torch import nn
 from .errors import UserError
 from .fetch import DEFAULT_CACHE, MODELS
 
-POOLINGS = ("mean", "cls", "pooler")
+POOLINGS = ("mean", "cls", "pooler", "lasttoken")
+# sentence-transformers' pooling modes this project computes, by their names in 1_Pooling/config.json
+ST_POOLINGS = {"mean": "mean", "cls": "cls", "lasttoken": "lasttoken"}
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -75,27 +83,67 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _pooling_mode(config: dict, where: Path) -> str:
+    """The one pooling a 1_Pooling/config.json asks for, in either of sentence-transformers' formats."""
+    modes = config.get("pooling_mode")
+    if modes is None:  # the older format: one boolean per mode
+        names = {
+            "pooling_mode_cls_token": "cls",
+            "pooling_mode_mean_tokens": "mean",
+            "pooling_mode_lasttoken": "lasttoken",
+            "pooling_mode_max_tokens": "max",
+            "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens": "weightedmean",
+        }
+        modes = [name for key, name in names.items() if config.get(key)]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in ST_POOLINGS:
+        raise UserError(
+            f"{where} asks for pooling {modes}; disco-dist computes one of {', '.join(ST_POOLINGS)} "
+            "(pass --pooling to choose one, if the model was trained for it)"
+        )
+    if config.get("include_prompt", True) is False:
+        raise UserError(
+            f"{where} sets include_prompt false (prompt tokens left out of the pooling), which "
+            "disco-dist does not do; its pooling always includes the prompt's tokens"
+        )
+    return ST_POOLINGS[modes[0]]
+
+
 def sentence_transformers_settings(folder: Path) -> dict:
-    """Pooling, normalisation and max length recorded in a sentence-transformers folder (empty if none)."""
+    """Pooling, normalisation, max length and default prompt recorded in a sentence-transformers folder
+    (empty if none). A module this project does not compute (e.g. a Dense layer or a latent-attention
+    pooling) is refused in one line rather than skipped."""
     settings = {}
-    pooling = _read_json(folder / "1_Pooling" / "config.json")
-    if pooling:
-        if pooling.get("pooling_mode_cls_token"):
-            settings["pooling"] = "cls"
-        elif pooling.get("pooling_mode_mean_tokens"):
-            settings["pooling"] = "mean"
-        else:
-            modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
-            raise UserError(f"{folder}/1_Pooling/config.json uses {modes}; supported poolings: {POOLINGS}")
     modules = _read_json(folder / "modules.json")
     if modules is not None:
-        settings["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+        kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+        unknown = [kind for kind in kinds if kind not in ("Transformer", "Pooling", "Normalize")]
+        if unknown:
+            raise UserError(
+                f"{folder}/modules.json has module(s) {', '.join(unknown)}, which disco-dist does not "
+                "compute (it reads Transformer, Pooling and Normalize)"
+            )
+        settings["normalize"] = "Normalize" in kinds
+    pooling = _read_json(folder / "1_Pooling" / "config.json")
+    if pooling:
+        settings["pooling"] = _pooling_mode(pooling, folder / "1_Pooling" / "config.json")
+    st_config = _read_json(folder / "config_sentence_transformers.json") or {}
+    prompt_name = st_config.get("default_prompt_name")
+    if prompt_name:
+        prompts = st_config.get("prompts") or {}
+        if prompt_name not in prompts:
+            raise UserError(
+                f"{folder}/config_sentence_transformers.json: default_prompt_name {prompt_name!r} is not "
+                f"among its prompts ({', '.join(prompts) or 'none'})"
+            )
+        settings["prompt"] = prompts[prompt_name]
     bert_config = _read_json(folder / "sentence_bert_config.json")
     if bert_config and bert_config.get("max_seq_length"):
         settings["max_length"] = int(bert_config["max_seq_length"])
     ours = _read_json(folder / "disco_dist.json")  # written by Encoder.save; says "pooler" where ST cannot
     if ours:
-        settings.update({k: ours[k] for k in ("pooling", "normalize", "max_length") if k in ours})
+        settings.update({k: ours[k] for k in ("pooling", "normalize", "max_length", "prompt") if k in ours})
     return settings
 
 
@@ -121,20 +169,37 @@ def keep_layers(model: nn.Module, layers: list) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    def __init__(self, model, tokenizer, pooling="mean", normalize=True, max_length=128):
+    def __init__(self, model, tokenizer, pooling="mean", normalize=True, max_length=128, prompt="", truncate_dim=None):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        width = model.config.hidden_size
+        if truncate_dim is not None and not 0 < truncate_dim <= width:
+            raise UserError(f"a truncation to {truncate_dim} dimensions: the model's embeddings have {width}")
+        if tokenizer.pad_token is None:  # decoder tokenizers often have none; any token does under the mask
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.normalize, self.max_length = pooling, normalize, int(max_length)
+        self.prompt, self.truncate_dim = prompt or "", truncate_dim
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.truncate_dim or self.model.config.hidden_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path, pooling=None, normalize=None, max_length=None, keep=None, model_loader=None):
-        """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it)."""
+    def from_pretrained(
+        cls,
+        name_or_path,
+        pooling=None,
+        normalize=None,
+        max_length=None,
+        keep=None,
+        model_loader=None,
+        prompt=None,
+        truncate_dim=None,
+    ):
+        """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it). `prompt`: None
+        takes the folder's default prompt (sentence-transformers' `default_prompt_name`), "" none."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
@@ -159,11 +224,18 @@ class Encoder(nn.Module):
             normalize=settings.get("normalize", True) if normalize is None else normalize,
             # a requested length beyond what the model's positions cover is capped there
             max_length=min(max_length or settings.get("max_length", tokenizer_max), tokenizer_max),
+            prompt=settings.get("prompt", "") if prompt is None else prompt,
+            truncate_dim=truncate_dim,
         )
 
     def tokenize(self, sentences):
+        """Token ids of the prompt + each sentence (sentence-transformers' order), padded as the tokenizer says."""
         return self.tokenizer(
-            list(sentences), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            [self.prompt + s for s in sentences],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
 
     def pool(self, outputs, attention_mask):
@@ -171,6 +243,10 @@ class Encoder(nn.Module):
             return outputs.last_hidden_state[:, 0]
         if self.pooling == "pooler":
             return outputs.pooler_output
+        if self.pooling == "lasttoken":  # the last real token of each row, whichever side the padding is on
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.to(positions.dtype) * positions).argmax(dim=1)
+            return outputs.last_hidden_state[torch.arange(len(last), device=last.device), last]
         mask = attention_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
         return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
@@ -178,6 +254,8 @@ class Encoder(nn.Module):
         """Pooled embeddings, normalised if this encoder normalises (or as `normalize` says)."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
         embeddings = self.pool(outputs, attention_mask)
+        if self.truncate_dim:
+            embeddings = embeddings[:, : self.truncate_dim]
         return F.normalize(embeddings, dim=-1) if (self.normalize if normalize is None else normalize) else embeddings
 
     @torch.inference_mode()
@@ -243,13 +321,22 @@ class Encoder(nn.Module):
             "pooling_mode_mean_tokens": self.pooling == "mean",
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_lasttoken": self.pooling == "lasttoken",
         }
         files = {
             "modules.json": modules,
             "1_Pooling/config.json": pooling,
             "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
-            "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
-            "disco_dist.json": {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length},
+            "config_sentence_transformers.json": {
+                "similarity_fn_name": "cosine",
+                **({"prompts": {"default": self.prompt}, "default_prompt_name": "default"} if self.prompt else {}),
+            },
+            "disco_dist.json": {
+                "pooling": self.pooling,
+                "normalize": self.normalize,
+                "max_length": self.max_length,
+                **({"prompt": self.prompt} if self.prompt else {}),
+            },
         }
         for name, content in files.items():
             (folder / name).write_text(json.dumps(content, indent=2) + "\n")

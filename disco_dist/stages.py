@@ -99,14 +99,7 @@ class Distill(Stage):
         # the student exists before the teacher's ZeRO-3 loading context opens (it is process-global)
         self.teacher = None
         if mode == "online":
-            self.teacher = ZeroTeacher(
-                args.teacher,
-                args.teacher_ds_config,
-                env.device,
-                batch_size=args.teacher_batch_size,
-                max_length=args.max_length,
-                precision=args.precision,
-            )
+            self.teacher = ZeroTeacher.from_args(args, env.device)
             teacher_dim = self.teacher.dim
         else:
             teacher_dim = index.teacher["dim"]

@@ -38,6 +38,8 @@ class ZeroTeacher:
         batch_size: int | None = None,
         max_length: int | None = None,
         precision: str = "auto",
+        prompt: str | None = None,
+        dim: int | None = None,
     ):
         from transformers import AutoModel
         from transformers.integrations import HfDeepSpeedConfig
@@ -51,22 +53,53 @@ class ZeroTeacher:
             hf_zero3 = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
             try:
                 self.encoder = Encoder.from_pretrained(
-                    name_or_path, max_length=max_length, model_loader=AutoModel.from_pretrained
+                    name_or_path,
+                    max_length=max_length,
+                    model_loader=AutoModel.from_pretrained,
+                    prompt=prompt,
+                    truncate_dim=dim,
                 )
             finally:
                 del hf_zero3  # anything built after this is an ordinary, unpartitioned model
             self.engine, *_ = distributed.import_deepspeed().initialize(model=self.encoder.model, config=config)
         else:
-            self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length)
+            self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length, prompt=prompt, truncate_dim=dim)
             self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)
         self.encoder.model.eval()
         self.encoder.model.requires_grad_(False)
         self.device, self.batch_size = device, batch_size or default_teacher_batch_size(device, self.partitioned)
         self.seconds = 0.0  # time spent in teacher forwards, for the step-time breakdown
 
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "ZeroTeacher":
+        """The teacher the flags of `config.add_teacher_flags` describe (distill's online mode, the cache pass)."""
+        return cls(
+            args.teacher,
+            args.teacher_ds_config,
+            device,
+            batch_size=args.teacher_batch_size,
+            max_length=args.max_length,
+            precision=args.precision,
+            prompt=args.teacher_prompt,
+            dim=args.teacher_dim,
+        )
+
     @property
     def dim(self) -> int:
         return self.encoder.dim
+
+    def describe(self) -> dict:
+        """What its embeddings depend on, as the cache's index records it."""
+        return {
+            "model": str(self.encoder.model.name_or_path),
+            "dim": self.dim,
+            "pooling": self.encoder.pooling,
+            "normalize": self.encoder.normalize,
+            "max_length": self.encoder.max_length,
+            "prompt": self.encoder.prompt,
+            "truncate_dim": self.encoder.truncate_dim,
+            "precision": "bf16" if self.bf16 else "fp32",
+        }
 
     @torch.no_grad()
     def embed(self, sentences: list) -> torch.Tensor:
