@@ -60,64 +60,19 @@ PROMPT = "Instruct: find sentences that mean the same\nQuery: "
 
 
 def build_tiny_decoder(folder: Path, hidden=64, layers=2, seed=0, padding_side="left", prompt=PROMPT, max_length=24):
-    """A random Qwen3 decoder embedder saved as a sentence-transformers folder, as Qwen3-Embedding ships: a
-    word-level tokenizer that appends the end-of-text token, padding on `padding_side`, last-token pooling,
-    normalised, and a default query prompt."""
-    import json
+    """A random Qwen3 decoder embedder as a sentence-transformers folder (see disco_dist.memory.random_decoder)."""
+    from disco_dist.memory import random_decoder
 
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["<pad>", "<unk>", "<eos>", *dict.fromkeys(WORDS + "instruct : find sentences mean same query".split())]
-    vocab = {word: i for i, word in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 2)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<eos>",
+    return random_decoder(
+        folder,
+        WORDS,
+        hidden=hidden,
+        layers=layers,
+        seed=seed,
         padding_side=padding_side,
-        model_max_length=64,
+        prompt=prompt,
+        max_length=max_length,
     )
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    Qwen3Model(config).save_pretrained(folder)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]
-    files = {
-        "modules.json": modules,
-        "1_Pooling/config.json": {"embedding_dimension": hidden, "pooling_mode": "lasttoken", "include_prompt": True},
-        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
-        "config_sentence_transformers.json": {
-            "prompts": {"query": prompt, "document": ""},
-            "default_prompt_name": "query",
-            "similarity_fn_name": "cosine",
-        },
-    }
-    for name, content in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
-    (folder / "2_Normalize").mkdir(exist_ok=True)
-    return folder
 
 
 # mixed lengths, a line that is empty after stripping, and one far longer than the max length
