@@ -142,11 +142,13 @@ def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwar
         distributed.barrier()
     phases["load"] = load.peak
     phases["after_load"] = smaps_rollup()
+    start = time.perf_counter()
     with PeakSampler() as embed:
         for _ in range(forwards):
             model.embed(texts)
         distributed.barrier()
     phases["embed"] = embed.peak
+    phases["embed_seconds"] = round(time.perf_counter() - start, 2)
     if env.device.type == "cuda":
         phases["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.encoder.model.parameters()) * 4
@@ -202,7 +204,8 @@ def table(reports: dict) -> str:
             lines.append(
                 f"| {ranks} | {r['weights_mib']:.0f} | {r['rank']} | {r['fraction']:.2f} | "
                 f"{r['base']['uss']:.0f} | {r['load']['uss']:.0f} / {r['load']['pss']:.0f} | "
-                f"{r['after_load']['uss']:.0f} | {r['embed']['uss']:.0f} / {r['embed']['pss']:.0f} |"
+                f"{r['after_load']['uss']:.0f} | {r['embed']['uss']:.0f} / {r['embed']['pss']:.0f} | "
+                f"{r['embed_seconds']} |"
             )
     return "\n".join(lines)
 

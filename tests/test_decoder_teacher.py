@@ -56,21 +56,23 @@ def test_encoders_with_a_prompt_equal_sentence_transformers(tmp_path, pooling):
     torch.testing.assert_close(encoder.encode(PROBE_SENTENCES), reference(folder, prompt="query: "), rtol=0, atol=1e-5)
 
 
-def zero3_rank(rank, world_size, folder, dim):
+def zero3_rank(rank, world_size, folder, dim, config):
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
-    teacher = ZeroTeacher(folder, DS_CONFIG, read_env().device, batch_size=4, dim=dim)
+    teacher = ZeroTeacher(folder, str(REPO / "ds_configs" / config), read_env().device, batch_size=4, dim=dim)
     return {"fraction": teacher.local_parameter_fraction(), "embeddings": teacher.embed(PROBE_SENTENCES)}
 
 
-@pytest.mark.parametrize("dim", [None, 32])
-def test_zero3_decoder_teacher_on_two_ranks_equals_sentence_transformers(tmp_path, dim):
+@pytest.mark.parametrize(
+    "dim, config", [(None, "teacher_zero3.json"), (32, "teacher_zero3.json"), (None, "teacher_zero3_lowmem.json")]
+)
+def test_zero3_decoder_teacher_on_two_ranks_equals_sentence_transformers(tmp_path, dim, config):
     folder = build_tiny_decoder(tmp_path / "decoder")
     expected = reference(folder)
     if dim:
         expected = F.normalize(expected[:, :dim], dim=-1)
-    for result in run_on_ranks(zero3_rank, 2, tmp_path, str(folder), dim):
+    for result in run_on_ranks(zero3_rank, 2, tmp_path, str(folder), dim, config):
         assert 0.4 < result["fraction"] < 0.65  # partitioned: about half of the elements on each rank
         torch.testing.assert_close(result["embeddings"], expected, rtol=0, atol=1e-5)
 
