@@ -124,15 +124,9 @@ def cache_teacher_embeddings(
 
 
 def cache_plan(teacher: ZeroTeacher, source_folder) -> dict:
-    """What a cache's shards depend on: finished shards are reused only under an equal plan."""
-    return {
-        "source_index_sha256": sha256_of(Path(source_folder) / INDEX),
-        "teacher": str(teacher.encoder.model.name_or_path),
-        "max_length": teacher.encoder.max_length,
-        "precision": "bf16" if teacher.bf16 else "fp32",
-        "prompt": teacher.encoder.prompt,
-        "truncate_dim": teacher.encoder.truncate_dim,
-    }
+    """What a cache's shards depend on (the source and everything `ZeroTeacher.describe` names): finished
+    shards are reused only under an equal plan."""
+    return {"source_index_sha256": sha256_of(Path(source_folder) / INDEX), **teacher.describe()}
 
 
 def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> list:

@@ -115,12 +115,17 @@ def deepspeed_command(ranks: int, *args, module: bool = False) -> list[str]:
     return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *how, *map(str, args)]
 
 
-def command_argv(name: str, *args, ranks: int = 0) -> list[str]:
-    """The argv of one of the pipeline's commands (disco_dist.commands; the same as launchers/NAME.py): as
-    `ranks` ranks under the deepspeed launcher, or one plain process when `ranks` is 0."""
+def module_argv(module: str, *args, ranks: int = 0) -> list[str]:
+    """The argv that runs `python -m module args`: as `ranks` ranks under the deepspeed launcher, or one plain
+    process when `ranks` is 0."""
     if ranks:
-        return deepspeed_command(ranks, "disco_dist.commands", name, *args, module=True)
-    return [sys.executable, "-m", "disco_dist.commands", name, *map(str, args)]
+        return deepspeed_command(ranks, module, *args, module=True)
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def command_argv(name: str, *args, ranks: int = 0) -> list[str]:
+    """The argv of one of the pipeline's commands (disco_dist.commands; the same as launchers/NAME.py)."""
+    return module_argv("disco_dist.commands", name, *args, ranks=ranks)
 
 
 def import_deepspeed():

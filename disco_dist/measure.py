@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import deepspeed_command
+from .distributed import module_argv
 from .files import REPO_ROOT
 
 RESULT_PREFIX = "BENCHMARK_RESULT "
@@ -188,10 +188,7 @@ def worker_main(name: str, spec: dict) -> None:
 def worker_argv(name: str, spec: dict, ranks: int = 0) -> list[str]:
     """The argv of a worker of this module: one process, or `ranks` ranks under the deepspeed
     launcher, which runs it as a module (`--module`; each rank finds LOCAL_RANK in its environment)."""
-    args = [__name__, name, json.dumps(spec)]
-    if ranks:
-        return deepspeed_command(ranks, *args, module=True)
-    return [sys.executable, "-m", *args]
+    return module_argv(__name__, name, json.dumps(spec), ranks=ranks)
 
 
 def run_checked(cmd: list, env: dict | None = None, timeout: int = 3600) -> str:

@@ -8,6 +8,7 @@ partitioned under ZeRO-3) and `embed` (repeated forwards). On a GPU, `torch.cuda
     python -m disco_dist.memory --teacher FOLDER --ranks 1 2      # the table (docs/benchmarks.md)
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -165,26 +166,20 @@ def measure(
     teacher: str, ds_config: str, ranks: int, sentences: int = 64, batch_size: int = 16, forwards: int = 3
 ) -> list:
     """Run the worker on `ranks` ranks (one plain process for 1) and return every rank's report."""
-    from .distributed import deepspeed_command, threads_per_rank
+    from .distributed import module_argv, threads_per_rank
+    from .errors import UserError
+    from .recipes import flags
 
-    args = [
-        "disco_dist.memory",
-        "--worker",
-        "--teacher",
-        teacher,
-        "--ds-config",
-        ds_config,
-        "--sentences",
-        sentences,
-        "--batch-size",
-        batch_size,
-        "--forwards",
-        forwards,
-    ]
-    cmd = deepspeed_command(ranks, *args, module=True) if ranks > 1 else [sys.executable, "-m", *map(str, args)]
+    options = dict(
+        worker=True, teacher=teacher, ds_config=ds_config, sentences=sentences, batch_size=batch_size, forwards=forwards
+    )
+    cmd = module_argv("disco_dist.memory", *flags(options), ranks=ranks if ranks > 1 else 0)
     env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(ranks), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        if errors:  # the worker's own one line (a bad folder or config)
+            raise UserError(f"memory worker on {ranks} rank(s): {errors[-1][len('error: ') :]}")
         raise RuntimeError(f"memory worker on {ranks} rank(s) failed:\n{result.stderr[-3000:]}")
     reports = [
         json.loads(line[len(RESULT_PREFIX) :]) for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)
@@ -193,11 +188,11 @@ def measure(
 
 
 def table(reports: dict) -> str:
-    """reports: {ranks: [per-rank report]}; the largest rank's peaks per phase, in MiB."""
+    """reports: {ranks: [per-rank report]}; every rank's peaks per phase, in MiB, and its embedding seconds."""
     lines = [
         "| ranks | weights MiB | rank | share | base USS | load peak USS / PSS | after load USS | "
-        "embed peak USS / PSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "embed peak USS / PSS | embed s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for ranks, per_rank in reports.items():
         for r in per_rank:
@@ -228,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--forwards", type=int, default=3)
     parser.add_argument("--out", type=Path, help="JSON file for the reports")
-    parser.add_argument("--worker", action="store_true", help=argparse_suppress())
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     add_local_rank(parser)
     args = parser.parse_args(argv)
     if args.worker:
@@ -255,12 +250,6 @@ def main(argv=None) -> None:
         from .files import write_json_atomic
 
         write_json_atomic(args.out, {str(k): v for k, v in reports.items()})
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

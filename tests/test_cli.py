@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import REPO, assert_one_line, build_tiny_run_inputs, run
 
+from disco_dist.recipes import flags
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -12,6 +14,11 @@ def tiny(tmp_path_factory):
         tmp_path_factory.mktemp("cli"), [f"sentence {i}" for i in range(100)], shard_size=50
     )
     return root, student, teacher
+
+
+def distill(env=None, **options):
+    """launchers/distill.py with `options` as flags (shards=... -> --shards ...)."""
+    return run("distill.py", *flags(options), env=env)
 
 
 def test_missing_shard_folder(tmp_path):
@@ -22,60 +29,22 @@ def test_missing_shard_folder(tmp_path):
 
 def test_missing_student_folder(tiny, tmp_path):
     root, _, teacher = tiny
-    assert_one_line(
-        run(
-            "distill.py",
-            "--shards",
-            root / "shards",
-            "--student",
-            tmp_path / "no" / "student",
-            "--teacher",
-            teacher,
-            "--run-dir",
-            tmp_path / "r",
-        ),
-        "does not exist",
+    result = distill(
+        shards=root / "shards", student=tmp_path / "no" / "student", teacher=teacher, run_dir=tmp_path / "r"
     )
+    assert_one_line(result, "does not exist")
 
 
 def test_width_mismatch_without_projection(tiny, tmp_path):
     root, student, teacher = tiny
-    assert_one_line(
-        run(
-            "distill.py",
-            "--shards",
-            root / "shards",
-            "--student",
-            student,
-            "--teacher",
-            teacher,
-            "--head",
-            "none",
-            "--run-dir",
-            tmp_path / "r",
-        ),
-        "--head none",
-        "32",
-        "48",
-    )
+    result = distill(shards=root / "shards", student=student, teacher=teacher, head="none", run_dir=tmp_path / "r")
+    assert_one_line(result, "--head none", "32", "48")
 
 
 def test_cached_mode_without_embeddings(tiny, tmp_path):
     root, student, _ = tiny
-    assert_one_line(
-        run(
-            "distill.py",
-            "--shards",
-            root / "shards",
-            "--student",
-            student,
-            "--teacher-mode",
-            "cached",
-            "--run-dir",
-            tmp_path / "r",
-        ),
-        "no teacher embeddings",
-    )
+    result = distill(shards=root / "shards", student=student, teacher_mode="cached", run_dir=tmp_path / "r")
+    assert_one_line(result, "no teacher embeddings")
 
 
 @pytest.mark.parametrize(
@@ -117,21 +86,8 @@ def test_unwritable_run_folder(tiny, tmp_path):
     root, student, teacher = tiny
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert_one_line(
-        run(
-            "distill.py",
-            "--shards",
-            root / "shards",
-            "--student",
-            student,
-            "--teacher",
-            teacher,
-            "--run-dir",
-            blocker / "run",
-        ),
-        "is not writable",
-        "a-file",
-    )
+    result = distill(shards=root / "shards", student=student, teacher=teacher, run_dir=blocker / "run")
+    assert_one_line(result, "is not writable", "a-file")
 
 
 def test_a_typo_in_the_student_deepspeed_config_is_refused(tiny, tmp_path):
@@ -174,16 +130,11 @@ def test_hub_id_while_offline_is_one_quick_line(tiny, tmp_path):
 
     root, _, teacher = tiny
     start = time.time()
-    result = run(
-        "distill.py",
-        "--shards",
-        root / "shards",
-        "--student",
-        "someone/no-such-model",
-        "--teacher",
-        teacher,
-        "--run-dir",
-        tmp_path / "r",
+    result = distill(
+        shards=root / "shards",
+        student="someone/no-such-model",
+        teacher=teacher,
+        run_dir=tmp_path / "r",
         env={"HF_ENDPOINT": "http://127.0.0.1:9"},
     )
     assert time.time() - start < 30
