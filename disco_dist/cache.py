@@ -1,9 +1,9 @@
 """The teacher-cache pass: embed every sentence of a shard folder once, into new shards with fp16 embeddings.
 
-Rank r embeds shards r, r+W, ... with the (ZeRO-3) teacher; every rank runs the same number of teacher
-forwards (padding ones where it has fewer), and rank 0 writes the index once all are done. A cut-short pass
-continues where it stopped: each shard is renamed into place only when whole, and a plan file says what the
-finished shards were made from.
+Consecutive shards are grouped (the same groups whatever W) and rank r embeds groups r, r+W, ... with the
+(ZeRO-3) teacher; every rank runs the same number of teacher forwards (padding ones where it has fewer), and
+rank 0 writes the index once all are done. A cut-short pass continues where it stopped: each shard is renamed
+into place only when whole, and a plan file says what the finished shards were made from.
 """
 
 import json
@@ -44,7 +44,8 @@ def cache_teacher_embeddings(
     teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print, group_sentences: int = 4096
 ):
     """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
-    the source. Rank r writes shards r, r+W, ...; rank 0 writes the index once every rank is done.
+    the source. Rank r writes the shards of groups r, r+W, ...; rank 0 writes the index once every rank is done.
+    With the same teacher batch size the shards' contents do not depend on W.
 
     Re-running the same command on an unfinished folder continues it: finished shards are kept (each is
     renamed into place only when whole) if the folder's plan matches this source, teacher and max length."""
@@ -62,7 +63,14 @@ def cache_teacher_embeddings(
             log(f"continuing {out_folder}: {len(done)} of {len(source.shards)} shards already cached")
     distributed.barrier()
     to_do = [i for i in range(len(source.shards)) if i not in done]
-    groups = [shard_groups(to_do[r :: env.world_size], source.counts, group_sentences) for r in range(env.world_size)]
+    # groups are formed over all shards, whatever W and whatever is already done, so each sentence is embedded in
+    # the same batch (same neighbours, same padding) by a 1-rank pass, a W-rank pass and a continued one
+    pending = [
+        group
+        for group in shard_groups(range(len(source.shards)), source.counts, group_sentences)
+        if not done.issuperset(group)
+    ]
+    groups = [pending[r :: env.world_size] for r in range(env.world_size)]
     forwards_needed = [
         sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank) for per_rank in groups
     ]
@@ -74,17 +82,17 @@ def cache_teacher_embeddings(
         forwards += -(-len(embeddings) // teacher.batch_size)
         first = 0
         for i, shard_samples in zip(group, samples):
-            shard = ShardFile(out_folder / source.shards[i]["name"])
-            for (key, text, _), embedding in zip(shard_samples, embeddings[first : first + len(shard_samples)].numpy()):
-                shard.write(key, text, embedding)
-            shard.close()
+            if i not in done:
+                shard = ShardFile(out_folder / source.shards[i]["name"])
+                for (key, text, _), embedding in zip(
+                    shard_samples, embeddings[first : first + len(shard_samples)].numpy()
+                ):
+                    shard.write(key, text, embedding)
+                shard.close()
             first += len(shard_samples)
-        finished += len(group)
+        finished += 1
         if env.is_main:
-            log(
-                f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(to_do[:: env.world_size])} "
-                "of this rank's shards)"
-            )
+            log(f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(groups[0])} of this rank's groups)")
     for _ in range(max(forwards_needed) - forwards):
         teacher.padding_forward()
     distributed.barrier()

@@ -150,7 +150,7 @@ def sentence_transformers_settings(folder: Path) -> dict:
 def transformer_layers(model: nn.Module) -> tuple:
     """(parent module, attribute name) of the model's list of transformer layers."""
     for parent_path, attr in (("encoder", "layer"), ("encoder", "layers"), ("", "layers"), ("transformer", "layer")):
-        parent = model.get_submodule(parent_path) if parent_path else model
+        parent = getattr(model, parent_path, None) if parent_path else model
         if isinstance(getattr(parent, attr, None), nn.ModuleList):
             return parent, attr
     raise UserError(f"cannot find the transformer layers of {type(model).__name__} to keep a subset of them")

@@ -129,9 +129,19 @@ def random_decoder(
     return folder
 
 
+def measured_teacher(folder: Path, layers: int) -> Path:
+    """The random decoder of the memory table and test: Qwen3 with hidden 1024, MLP 3072, 16 heads, 32,000 tokens;
+    12 layers: 184M parameters (701 MiB fp32), 40 layers: 537M (2,047 MiB)."""
+    words = "the old man said that a new film was good dog plays in park".split()
+    return random_decoder(
+        folder, words, hidden=1024, layers=layers, intermediate=3072, heads=16, vocab_size=32000, max_length=128
+    )
+
+
 def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwards: int) -> dict:
     """One rank: the peaks of each phase, and the share of the teacher's parameters it holds."""
     from . import distributed
+    from .partitioned import held_and_total
     from .teacher import ZeroTeacher
 
     env = distributed.init_distributed()
@@ -152,7 +162,7 @@ def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwar
     phases["embed_seconds"] = round(time.perf_counter() - start, 2)
     if env.device.type == "cuda":
         phases["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.encoder.model.parameters()) * 4
+    weights = held_and_total(model.encoder.model)[1] * 4
     return {
         "rank": env.rank,
         "world_size": env.world_size,
@@ -214,9 +224,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--make-teacher",
         action="store_true",
-        help="a random Qwen3 of 184M parameters (701 MiB "
-        "fp32: hidden 1024, 12 layers, 32,000 tokens) as the teacher, made once",
+        help="a random Qwen3 (hidden 1024, 32,000 tokens; 12 layers: 184M parameters, 701 MiB fp32) as the "
+        "teacher, made once",
     )
+    parser.add_argument("--layers", type=int, default=12, help="with --make-teacher: its layers (40: 2,047 MiB)")
     parser.add_argument("--ds-config", default=str(DS_CONFIGS / "teacher_zero3.json"))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sentences", type=int, default=64)
@@ -231,17 +242,7 @@ def main(argv=None) -> None:
         print(RESULT_PREFIX + json.dumps(report), flush=True)
         return
     if args.make_teacher and not (Path(args.teacher) / "config.json").exists():
-        words = "the old man said that a new film was good dog plays in park".split()
-        random_decoder(
-            Path(args.teacher),
-            words,
-            hidden=1024,
-            layers=12,
-            intermediate=3072,
-            heads=16,
-            vocab_size=32000,
-            max_length=128,
-        )
+        measured_teacher(Path(args.teacher), args.layers)
     reports = {
         n: measure(args.teacher, args.ds_config, n, args.sentences, args.batch_size, args.forwards) for n in args.ranks
     }

@@ -6,13 +6,16 @@ before the teacher: transformers' HfDeepSpeedConfig is process-global while it l
 """
 
 import time
+from functools import partial
 
 import torch
 
 from . import distributed
 from .ds_config import load_ds_config, use_bf16
-from .encoder import Encoder
+from .encoder import Encoder, transformer_layers
 from .errors import UserError
+from .heap import give_back_after_each, heap_given_back
+from .partitioned import held_and_total, load_partitioned, partition_token_embedding
 
 
 def default_teacher_batch_size(device: torch.device, partitioned: bool) -> int:
@@ -41,7 +44,6 @@ class ZeroTeacher:
         prompt: str | None = None,
         dim: int | None = None,
     ):
-        from transformers import AutoModel
         from transformers.integrations import HfDeepSpeedConfig
 
         self.bf16 = use_bf16(precision, device)
@@ -50,18 +52,23 @@ class ZeroTeacher:
             raise UserError(f"{ds_config_path}: the teacher config must use zero_optimization.stage 3")
         self.partitioned = distributed.world_size() > 1
         if self.partitioned:
-            hf_zero3 = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
+            hf_zero3 = HfDeepSpeedConfig(config)  # while alive, models are built straight into partitions
             try:
-                self.encoder = Encoder.from_pretrained(
-                    name_or_path,
-                    max_length=max_length,
-                    model_loader=AutoModel.from_pretrained,
-                    prompt=prompt,
-                    truncate_dim=dim,
-                )
+                with heap_given_back():
+                    self.encoder = Encoder.from_pretrained(
+                        name_or_path,
+                        max_length=max_length,
+                        model_loader=partial(load_partitioned, dtype=torch.bfloat16 if self.bf16 else torch.float32),
+                        prompt=prompt,
+                        truncate_dim=dim,
+                    )
+                    partition_token_embedding(self.encoder.model)
             finally:
                 del hf_zero3  # anything built after this is an ordinary, unpartitioned model
             self.engine, *_ = distributed.import_deepspeed().initialize(model=self.encoder.model, config=config)
+            if device.type == "cpu":  # the gathers' freed buffers go back after each layer (disco_dist/heap.py)
+                parent, attr = transformer_layers(self.encoder.model)
+                give_back_after_each(getattr(parent, attr))
         else:
             self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length, prompt=prompt, truncate_dim=dim)
             self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)
@@ -122,8 +129,5 @@ class ZeroTeacher:
 
     def local_parameter_fraction(self) -> float:
         """Share of the teacher's parameter elements this rank holds (about 1/W under ZeRO-3)."""
-        held = total = 0
-        for p in self.encoder.model.parameters():
-            total += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-            held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        held, total = held_and_total(self.encoder.model)
         return held / total

@@ -65,7 +65,7 @@ def zero3_rank(rank, world_size, folder, dim, config):
 
 
 @pytest.mark.parametrize(
-    "dim, config", [(None, "teacher_zero3.json"), (32, "teacher_zero3.json"), (None, "teacher_zero3_lowmem.json")]
+    "dim, config", [(None, "teacher_zero3.json"), (32, "teacher_zero3.json"), (None, "teacher_zero3_prefetch.json")]
 )
 def test_zero3_decoder_teacher_on_two_ranks_equals_sentence_transformers(tmp_path, dim, config):
     folder = build_tiny_decoder(tmp_path / "decoder")
@@ -83,15 +83,15 @@ def cache_rank(rank, world_size, folder, source, out):
     from disco_dist.teacher import ZeroTeacher
 
     env = read_env()
-    cache_teacher_embeddings(
-        ZeroTeacher(folder, DS_CONFIG, env.device, batch_size=4), source, out, env, log=lambda *_: None
-    )
+    teacher = ZeroTeacher(folder, DS_CONFIG, env.device, batch_size=4)
+    cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None, group_sentences=10)
     return True
 
 
 @pytest.mark.slow
 def test_cache_pass_with_a_decoder_teacher_on_two_ranks(tmp_path):
-    """The cache stores fp16: every stored embedding is sentence-transformers' fp32 one rounded to fp16."""
+    """The cache stores fp16: every stored embedding is sentence-transformers' fp32 one rounded to fp16. Each rank
+    embeds its own groups of shards, and the shards hold the same bytes as a 1-rank pass's."""
     folder = build_tiny_decoder(tmp_path / "decoder")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
@@ -108,6 +108,9 @@ def test_cache_pass_with_a_decoder_teacher_on_two_ranks(tmp_path):
     np.testing.assert_allclose(np.stack(stored).astype(np.float32), expected, rtol=0, atol=1e-3)
     teacher = json.loads((tmp_path / "cached" / "index.json").read_text())["teacher"]
     assert (teacher["pooling"], teacher["prompt"], teacher["dim"]) == ("lasttoken", PROMPT, 64)
+    run_on_ranks(cache_rank, 1, tmp_path, str(folder), str(tmp_path / "src"), str(tmp_path / "one-rank"))
+    for name in [entry["name"] for entry in index.shards]:
+        assert (tmp_path / "one-rank" / name).read_bytes() == (tmp_path / "cached" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 
 from disco_dist.memory import PeakSampler, smaps_rollup
@@ -17,3 +18,39 @@ def test_a_short_lived_allocation_shows_in_the_peak_and_not_after():
     after = smaps_rollup()
     assert sampler.peak["uss"] - before["uss"] > 48
     assert after["uss"] < sampler.peak["uss"] - 32  # given back (a block this large is its own mapping)
+
+
+def test_every_parameter_of_a_decoder_and_an_encoder_is_found_in_its_checkpoint(tmp_path):
+    """Each ZeRO-3 rank reads its own elements straight from the safetensors files (no fallback to rank 0 reading
+    everything), and those elements are the checkpoint's."""
+    from conftest import build_tiny_decoder, build_tiny_model
+    from transformers import AutoModel
+
+    from disco_dist.partitioned import Checkpoint
+
+    for folder in (build_tiny_decoder(tmp_path / "decoder"), build_tiny_model(tmp_path / "encoder")):
+        model, checkpoint = AutoModel.from_pretrained(folder), Checkpoint(folder)
+        for name, param in model.named_parameters():
+            key = checkpoint.key_for(name, model.base_model_prefix)
+            assert key is not None, name
+            flat = param.detach().reshape(-1)
+            torch.testing.assert_close(checkpoint.read(key, 3, 11), flat[3:11], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_zero3_rank_holds_about_its_share_of_a_decoder_teacher_while_loading_and_embedding(tmp_path):
+    """What the teacher adds to a rank's memory (peak USS over the same process's before the teacher is built), on
+    2 ranks under ZeRO-3 with the shipped config, is below 0.65x what one process holding the whole teacher adds:
+    while loading and while embedding. A random decoder whose weights dominate (537M parameters, 2,047 MiB fp32)."""
+    from disco_dist.files import DS_CONFIGS
+    from disco_dist.memory import measure, measured_teacher
+
+    folder = measured_teacher(tmp_path / "decoder", layers=40)
+    config = str(DS_CONFIGS / "teacher_zero3.json")
+    (one,) = measure(str(folder), config, 1, sentences=16, forwards=1)
+    whole = max(one["load"]["uss"], one["embed"]["uss"]) - one["base"]["uss"]
+    ranks = measure(str(folder), config, 2, sentences=16, forwards=1)
+    added = {(r["rank"], phase): r[phase]["uss"] - r["base"]["uss"] for r in ranks for phase in ("load", "embed")}
+    print(f"the teacher adds {whole:.0f} MiB to one process; on 2 ranks (MiB):", added)
+    assert all(0.45 < r["fraction"] < 0.55 for r in ranks)
+    assert max(added.values()) < 0.65 * whole, (added, whole)
