@@ -41,7 +41,7 @@ def shard_groups(shards: list, counts: list, group_sentences: int) -> list:
 
 
 def cache_teacher_embeddings(
-    teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print, group_sentences: int = 4096
+    teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print, group_sentences: int | None = None
 ):
     """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
     the source. Rank r writes the shards of groups r, r+W, ...; rank 0 writes the index once every rank is done.
@@ -63,6 +63,9 @@ def cache_teacher_embeddings(
             log(f"continuing {out_folder}: {len(done)} of {len(source.shards)} shards already cached")
     distributed.barrier()
     to_do = [i for i in range(len(source.shards)) if i not in done]
+    # 4,096 sentences a group (little padding once length-sorted), fewer for a small corpus so that 16 groups or
+    # more share the work among the ranks; a function of the corpus alone, never of W
+    group_sentences = group_sentences or min(4096, max(1, source.total // 16))
     # groups are formed over all shards, whatever W and whatever is already done, so each sentence is embedded in
     # the same batch (same neighbours, same padding) by a 1-rank pass, a W-rank pass and a continued one
     pending = [

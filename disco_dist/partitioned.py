@@ -113,6 +113,17 @@ def load_partitioned(path, dtype: torch.dtype, log=print):
     """The model of `path` built straight into ZeRO-3 partitions (an `HfDeepSpeedConfig` must be alive), each rank
     reading only its own elements. Falls back to transformers' loading (rank 0 reads everything) for a checkpoint
     that is not safetensors or whose names or shapes do not match the model, and says so on rank 0."""
+    linear = F.linear
+    try:
+        return _load_partitioned(path, dtype, log)
+    finally:
+        # zero.Init replaces torch's F.linear for the whole process with a matmul-then-add (less memory in a backward
+        # the teacher never runs); it rounds differently from the fused one, so the ZeRO-3 teacher's embeddings (and
+        # the student's, in the same process) would differ in the last bits from a plain process's
+        F.linear = linear
+
+
+def _load_partitioned(path, dtype: torch.dtype, log):
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModel
 

@@ -60,8 +60,13 @@ def zero3_rank(rank, world_size, folder, dim, config):
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
+    linear = F.linear
     teacher = ZeroTeacher(folder, str(REPO / "ds_configs" / config), read_env().device, batch_size=4, dim=dim)
-    return {"fraction": teacher.local_parameter_fraction(), "embeddings": teacher.embed(PROBE_SENTENCES)}
+    return {
+        "fraction": teacher.local_parameter_fraction(),
+        "embeddings": teacher.embed(PROBE_SENTENCES),
+        "linear_untouched": F.linear is linear,
+    }
 
 
 @pytest.mark.parametrize(
@@ -74,7 +79,28 @@ def test_zero3_decoder_teacher_on_two_ranks_equals_sentence_transformers(tmp_pat
         expected = F.normalize(expected[:, :dim], dim=-1)
     for result in run_on_ranks(zero3_rank, 2, tmp_path, str(folder), dim, config):
         assert 0.4 < result["fraction"] < 0.65  # partitioned: about half of the elements on each rank
+        # zero.Init swaps torch's F.linear for one that rounds differently; the teacher puts it back, so a student
+        # in the same process (online distillation) computes as in a plain one
+        assert result["linear_untouched"]
         torch.testing.assert_close(result["embeddings"], expected, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_ranks_cannot_read_by_parts_falls_back_to_transformers_loading(tmp_path, capfd):
+    """A .bin checkpoint: each rank cannot read its own share, so transformers loads it (rank 0 reads it whole),
+    says so in one line on rank 0, and the embeddings are the same."""
+    from safetensors.torch import load_file
+
+    folder = build_tiny_decoder(tmp_path / "decoder")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    expected = reference(folder)
+    for result in run_on_ranks(zero3_rank, 2, tmp_path, str(folder), None, "teacher_zero3.json"):
+        torch.testing.assert_close(result["embeddings"], expected, rtol=0, atol=1e-5)
+    lines = [line for line in capfd.readouterr().out.splitlines() if "loading through transformers" in line]
+    assert lines == [
+        f"teacher {folder}: no safetensors checkpoint; loading through transformers instead (rank 0 "
+        "reads the whole checkpoint)"
+    ]
 
 
 def cache_rank(rank, world_size, folder, source, out):
@@ -89,10 +115,11 @@ def cache_rank(rank, world_size, folder, source, out):
 
 
 @pytest.mark.slow
-def test_cache_pass_with_a_decoder_teacher_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_cache_pass_on_two_ranks_equals_sentence_transformers_and_a_one_rank_pass(tmp_path, kind):
     """The cache stores fp16: every stored embedding is sentence-transformers' fp32 one rounded to fp16. Each rank
     embeds its own groups of shards, and the shards hold the same bytes as a 1-rank pass's."""
-    folder = build_tiny_decoder(tmp_path / "decoder")
+    folder = build_tiny_decoder(tmp_path / kind) if kind == "decoder" else build_tiny_model(tmp_path / kind)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "\n".join(s for s in PROBE_SENTENCES if s.strip())
@@ -104,10 +131,11 @@ def test_cache_pass_with_a_decoder_teacher_on_two_ranks(tmp_path):
     run_on_ranks(cache_rank, 2, tmp_path, str(folder), str(tmp_path / "src"), str(tmp_path / "cached"))
     index = read_index(tmp_path / "cached")
     texts, stored = zip(*iter_shard_samples(index.paths()))
-    expected = reference(folder, list(texts)).numpy()
+    expected = F.normalize(reference(folder, list(texts)), dim=-1).numpy()  # a plain folder: disco-dist normalises
     np.testing.assert_allclose(np.stack(stored).astype(np.float32), expected, rtol=0, atol=1e-3)
     teacher = json.loads((tmp_path / "cached" / "index.json").read_text())["teacher"]
-    assert (teacher["pooling"], teacher["prompt"], teacher["dim"]) == ("lasttoken", PROMPT, 64)
+    if kind == "decoder":
+        assert (teacher["pooling"], teacher["prompt"], teacher["dim"]) == ("lasttoken", PROMPT, 64)
     run_on_ranks(cache_rank, 1, tmp_path, str(folder), str(tmp_path / "src"), str(tmp_path / "one-rank"))
     for name in [entry["name"] for entry in index.shards]:
         assert (tmp_path / "one-rank" / name).read_bytes() == (tmp_path / "cached" / name).read_bytes(), name
