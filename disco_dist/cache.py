@@ -122,7 +122,8 @@ def cache_teacher_embeddings(
                 "batch_size": teacher.batch_size,
                 "world_size": env.world_size,
                 "seconds": round(seconds, 2),
-                # this pass's rate; a continued pass counts only the shards it embedded
+                # this pass's rate over the shards it wrote (a continued pass also re-embeds the finished shards of
+                # a partly finished group: its rate reads a little low)
                 "sentences_per_s": round(sum(source.counts[i] for i in to_do) / seconds, 2),
             },
         )
@@ -135,9 +136,13 @@ def cache_teacher_embeddings(
 
 
 def cache_plan(teacher: ZeroTeacher, source_folder) -> dict:
-    """What a cache's shards depend on (the source and everything `ZeroTeacher.describe` names): finished
-    shards are reused only under an equal plan."""
-    return {"source_index_sha256": sha256_of(Path(source_folder) / INDEX), **teacher.describe()}
+    """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size):
+    finished shards are reused only under an equal plan."""
+    return {
+        "source_index_sha256": sha256_of(Path(source_folder) / INDEX),
+        **teacher.describe(),
+        "batch_size": teacher.batch_size,  # a sentence's batch-mates set its padding, so its last bits
+    }
 
 
 def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> list:
@@ -153,8 +158,8 @@ def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> l
         earlier = None
     if earlier != plan:
         raise UserError(
-            f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt or dim "
-            f"({plan_path}); choose a new --out folder (or --overwrite)"
+            f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt, dim "
+            f"or teacher batch size ({plan_path}); choose a new --out folder (or --overwrite)"
         )
     return [
         i

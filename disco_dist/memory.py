@@ -131,7 +131,7 @@ def random_decoder(
 
 def measured_teacher(folder: Path, layers: int) -> Path:
     """The random decoder of the memory table and test: Qwen3 with hidden 1024, MLP 3072, 16 heads, 32,000 tokens;
-    12 layers: 184M parameters (701 MiB fp32), 40 layers: 537M (2,047 MiB)."""
+    12 layers: 184M parameters (701 MiB fp32), 40 layers: 537M (2,045 MiB)."""
     words = "the old man said that a new film was good dog plays in park".split()
     return random_decoder(
         folder, words, hidden=1024, layers=layers, intermediate=3072, heads=16, vocab_size=32000, max_length=128
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
         help="a random Qwen3 (hidden 1024, 32,000 tokens; 12 layers: 184M parameters, 701 MiB fp32) as the "
         "teacher, made once",
     )
-    parser.add_argument("--layers", type=int, default=12, help="with --make-teacher: its layers (40: 2,047 MiB)")
+    parser.add_argument("--layers", type=int, default=12, help="with --make-teacher: its layers (40: 2,045 MiB)")
     parser.add_argument("--ds-config", default=str(DS_CONFIGS / "teacher_zero3.json"))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sentences", type=int, default=64)

@@ -78,14 +78,23 @@ class Checkpoint:
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
-def _fill_partition(param: nn.Parameter, checkpoint: Checkpoint, key: str, rank: int) -> None:
+def partition_range(param: nn.Parameter) -> tuple:
+    """[start, end) of the flat elements this rank holds of a ZeRO-3 parameter (end - start < P on the last ranks)."""
+    import torch.distributed as dist
+
+    size, rank = param.ds_tensor.numel(), dist.get_rank(group=param.ds_process_group)
+    return min(rank * size, param.ds_numel), min((rank + 1) * size, param.ds_numel)
+
+
+def _fill_partition(param: nn.Parameter, checkpoint: Checkpoint, key: str) -> None:
     """Copy this rank's flat elements of a ZeRO-3 parameter from the checkpoint, CHUNK_BYTES at a time."""
     _, _, dtype, shape = checkpoint.tensors[key]
     if dtype is None or shape != tuple(param.ds_shape):
-        raise ValueError(f"{key}: shape {shape} in the checkpoint, {tuple(param.ds_shape)} in the model")
-    size = param.ds_tensor.numel()
-    start, end = min(rank * size, math.prod(shape)), min((rank + 1) * size, math.prod(shape))
-    step = max(1, CHUNK_BYTES // param.ds_tensor.element_size())
+        raise ValueError(
+            f"{key}: {dtype or 'an unknown dtype'} {shape} in the checkpoint, {tuple(param.ds_shape)} in the model"
+        )
+    start, end = partition_range(param)
+    step = max(1, CHUNK_BYTES // torch.empty(0, dtype=dtype).element_size())
     for first in range(start, end, step):
         last = min(first + step, end)
         param.ds_tensor.data[first - start : last - start].copy_(checkpoint.read(key, first, last))
@@ -137,11 +146,17 @@ def _load_partitioned(path, dtype: torch.dtype, log):
                 key = checkpoint.key_for(name, prefix)
                 if key is None:
                     raise ValueError(f"no tensor for {name}")
-                _fill_partition(param, checkpoint, key, rank)
+                _fill_partition(param, checkpoint, key)
             for name, buffer in model.named_buffers():
                 key = checkpoint.key_for(name, prefix)
                 if key is not None:
-                    buffer.copy_(checkpoint.read(key).view(buffer.shape))
+                    _, _, dtype, shape = checkpoint.tensors[key]
+                    if dtype is None or shape != tuple(buffer.shape):
+                        raise ValueError(
+                            f"{key}: {dtype or 'an unknown dtype'} {shape} in the checkpoint, "
+                            f"{tuple(buffer.shape)} in the model"
+                        )
+                    buffer.copy_(checkpoint.read(key).view(shape))
             return model
         except ValueError as err:
             problem = str(err)
@@ -157,12 +172,11 @@ class PartitionedEmbedding(nn.Module):
     rows with one all-reduce. Holds 1/W of the table instead of gathering it whole for each forward."""
 
     def __init__(self, weight: nn.Parameter):
-        import torch.distributed as dist
 
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.ds_shape
-        numel, size, rank = weight.ds_numel, weight.ds_tensor.numel(), dist.get_rank()
-        start, end = min(rank * size, numel), min((rank + 1) * size, numel)
+        self.group = weight.ds_process_group
+        start, end = partition_range(weight)
         self.first_row = start // self.embedding_dim
         rows = -(-end // self.embedding_dim) - self.first_row if end > start else 0
         offset = start - self.first_row * self.embedding_dim
@@ -172,7 +186,7 @@ class PartitionedEmbedding(nn.Module):
             table = weight.ds_tensor.new_zeros(rows * self.embedding_dim)
             table[offset : offset + end - start] = weight.ds_tensor.data[: end - start]
         self.rows = table.view(rows, self.embedding_dim)  # a plain tensor: ZeRO-3 never sees or gathers it
-        self.total_numel = numel
+        self.total_numel = weight.ds_numel
 
     @property
     def held_numel(self) -> int:
@@ -184,11 +198,11 @@ class PartitionedEmbedding(nn.Module):
         import torch.distributed as dist
 
         wanted, where = torch.unique(input_ids, return_inverse=True)
-        counts = [wanted.new_zeros(1) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, wanted.new_tensor([len(wanted)]))
+        counts = [wanted.new_zeros(1) for _ in range(dist.get_world_size(group=self.group))]
+        dist.all_gather(counts, wanted.new_tensor([len(wanted)]), group=self.group)
         padded = F.pad(wanted, (0, int(max(counts)) - len(wanted)), value=-1)
         every = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(every, padded)
+        dist.all_gather(every, padded, group=self.group)
         union = torch.unique(torch.cat(every))
         union = union[union >= 0]
         local = union - self.first_row
@@ -197,7 +211,7 @@ class PartitionedEmbedding(nn.Module):
             rows = F.embedding(local.clamp(0, len(self.rows) - 1), self.rows).masked_fill(~inside.unsqueeze(-1), 0)
         else:
             rows = self.rows.new_zeros(len(union), self.embedding_dim)
-        dist.all_reduce(rows)
+        dist.all_reduce(rows, group=self.group)
         return rows[torch.searchsorted(union, wanted)][where]
 
 

@@ -67,8 +67,11 @@ class ZeroTeacher:
                 del hf_zero3  # anything built after this is an ordinary, unpartitioned model
             self.engine, *_ = distributed.import_deepspeed().initialize(model=self.encoder.model, config=config)
             if device.type == "cpu":  # the gathers' freed buffers go back after each layer (disco_dist/heap.py)
-                parent, attr = transformer_layers(self.encoder.model)
-                give_back_after_each(getattr(parent, attr))
+                try:
+                    parent, attr = transformer_layers(self.encoder.model)
+                    give_back_after_each(getattr(parent, attr))
+                except UserError:  # layers it cannot find (T5's blocks, GPT-2's h): trimmed after each forward
+                    give_back_after_each([self.encoder.model])
         else:
             self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length, prompt=prompt, truncate_dim=dim)
             self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)

@@ -20,28 +20,11 @@ def test_a_short_lived_allocation_shows_in_the_peak_and_not_after():
     assert after["uss"] < sampler.peak["uss"] - 32  # given back (a block this large is its own mapping)
 
 
-def test_every_parameter_of_a_decoder_and_an_encoder_is_found_in_its_checkpoint(tmp_path):
-    """Each ZeRO-3 rank reads its own elements straight from the safetensors files (no fallback to rank 0 reading
-    everything), and those elements are the checkpoint's."""
-    from conftest import build_tiny_decoder, build_tiny_model
-    from transformers import AutoModel
-
-    from disco_dist.partitioned import Checkpoint
-
-    for folder in (build_tiny_decoder(tmp_path / "decoder"), build_tiny_model(tmp_path / "encoder")):
-        model, checkpoint = AutoModel.from_pretrained(folder), Checkpoint(folder)
-        for name, param in model.named_parameters():
-            key = checkpoint.key_for(name, model.base_model_prefix)
-            assert key is not None, name
-            flat = param.detach().reshape(-1)
-            torch.testing.assert_close(checkpoint.read(key, 3, 11), flat[3:11], rtol=0, atol=0)
-
-
 @pytest.mark.slow
 def test_a_zero3_rank_holds_about_its_share_of_a_decoder_teacher_while_loading_and_embedding(tmp_path):
     """What the teacher adds to a rank's memory (peak USS over the same process's before the teacher is built), on
     2 ranks under ZeRO-3 with the shipped config, is below 0.65x what one process holding the whole teacher adds:
-    while loading and while embedding. A random decoder whose weights dominate (537M parameters, 2,047 MiB fp32)."""
+    while loading and while embedding. A random decoder whose weights dominate (537M parameters, 2,045 MiB fp32)."""
     from disco_dist.files import DS_CONFIGS
     from disco_dist.memory import measure, measured_teacher
 

@@ -44,14 +44,14 @@ def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
         assert cosine.min() > 0.999 and not torch.equal(result["embeddings"], expected)
 
 
-def cache_rank(rank, world_size, model_dir, ds_config, source, out):
+def cache_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences=None):
     from disco_dist.cache import cache_teacher_embeddings
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
     env = read_env()
     teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8)
-    cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None)
+    cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None, group_sentences=group_sentences)
     return True
 
 
@@ -82,7 +82,8 @@ def test_cache_pass_writes_fp16_embeddings_for_every_sentence(tmp_path):
 @pytest.mark.slow
 def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     """A cache pass killed part-way is continued by re-running it: finished shards are kept as they are,
-    the half-written one is redone, and the result equals an uninterrupted pass byte for byte."""
+    the half-written one is redone, and the result equals an uninterrupted pass byte for byte (groups of 2 shards:
+    shard 0 finished and shard 1 not is a partly finished group, embedded together again as before)."""
     import shutil
 
     from disco_dist.cache import CACHE_PLAN
@@ -92,7 +93,7 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     corpus.write_text("\n".join(f"the {i} dog plays in a park" for i in range(45)) + "\n")
     make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)
     ds_config = str(REPO / "ds_configs" / "teacher_zero3.json")
-    run_on_ranks(cache_rank, 2, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(tmp_path / "whole"))
+    run_on_ranks(cache_rank, 2, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(tmp_path / "whole"), 20)
     whole = json.loads((tmp_path / "whole" / "index.json").read_text())
 
     # what a killed pass leaves: its plan, two finished shards, one half-written, no index
@@ -103,9 +104,9 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     (partial / "shard-000001.tar.tmp").write_bytes(b"half")
     kept = {name: (partial / name).stat().st_mtime_ns for name in ("shard-000000.tar", "shard-000003.tar")}
     run_on_ranks(plan_only_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial))
-    run_on_ranks(cache_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial))
+    run_on_ranks(cache_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial), 20)
 
-    assert json.loads((partial / "index.json").read_text())["shards"] == whole["shards"]
+    assert json.loads((partial / "index.json").read_text())["shards"] == whole["shards"]  # names, counts, sha256
     assert {name: (partial / name).stat().st_mtime_ns for name in kept} == kept
     assert not list(partial.glob("*.tmp")) and not (partial / CACHE_PLAN).exists()
 
