@@ -13,6 +13,7 @@ from pathlib import Path
 from . import distributed
 from .errors import UserError
 from .files import sha256_of, write_json_atomic
+from .progress import Progress
 from .shards import (
     INDEX,
     ShardFile,
@@ -78,10 +79,12 @@ def cache_teacher_embeddings(
         sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank) for per_rank in groups
     ]
     finished, forwards, start = 0, 0, time.perf_counter()
+    mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
+    progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
     for group in groups[env.rank]:
         # sentences of several shards are length-sorted together: less padding than shard by shard
         samples = [list(iter_shard_samples([source.paths()[i]], with_keys=True)) for i in group]
-        embeddings = teacher.embed([text for shard in samples for _, text, _ in shard])
+        embeddings = teacher.embed([text for shard in samples for _, text, _ in shard], progress)
         forwards += -(-len(embeddings) // teacher.batch_size)
         first = 0
         for i, shard_samples in zip(group, samples):
@@ -96,6 +99,7 @@ def cache_teacher_embeddings(
         finished += 1
         if env.is_main:
             log(f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(groups[0])} of this rank's groups)")
+    progress.close()
     for _ in range(max(forwards_needed) - forwards):
         teacher.padding_forward()
     distributed.barrier()

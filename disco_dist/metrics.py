@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from .progress import duration
 
 
 class Stopwatch:
@@ -127,7 +128,7 @@ class Metrics:
         eta = elapsed / max(1, done) * (self.total - step)
         print(
             f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
-            f"comm {scalars['time/comm_share']:.0%}  ETA {_duration(eta)}",
+            f"comm {scalars['time/comm_share']:.0%}  ETA {duration(eta)}",
             flush=True,
         )
 
@@ -146,13 +147,6 @@ class Metrics:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 class SampleLog:

@@ -19,6 +19,7 @@ import numpy as np
 from .data.corpus import CorpusStats, read_corpus
 from .errors import UserError
 from .files import sha256_of, write_json_atomic
+from .progress import Progress
 
 INDEX = "index.json"
 FORMAT = 1
@@ -190,11 +191,19 @@ def shard_name(number: int) -> str:
 def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=False, log=print) -> ShardIndex:
     """Text corpus -> shuffled shards + index. Deterministic for a given corpus, limit and seed."""
     stats = CorpusStats()
-    sentences = list(read_corpus(corpus, stats, limit=limit))
+    reading = Progress("make_shards: reading", "sentences", total=limit, log=log)
+    sentences = []
+    for sentence in read_corpus(corpus, stats, limit=limit):
+        sentences.append(sentence)
+        reading.update()
+    reading.close()
     random.Random(seed).shuffle(sentences)
     writer = ShardFolderWriter(out, shard_size, overwrite)
+    writing = Progress("make_shards: writing", "sentences", total=len(sentences), log=log)
     for sentence in sentences:
         writer.write(sentence)
+        writing.update()
+    writing.close()
     dropped = {"empty": stats.empty, "duplicate": stats.duplicates, "undecodable": stats.undecodable}
     index = writer.finish(
         source=str(Path(corpus).resolve()),

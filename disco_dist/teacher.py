@@ -112,10 +112,10 @@ class ZeroTeacher:
         }
 
     @torch.no_grad()
-    def embed(self, sentences: list) -> torch.Tensor:
+    def embed(self, sentences: list, progress=None) -> torch.Tensor:
         """Teacher embeddings (float32, CPU) in their order, computed in `batch_size` chunks of length-sorted
-        sentences (little padding). Collective: every rank must call this with the same number of chunks,
-        ceil(len(sentences) / batch_size)."""
+        sentences (little padding); `progress.update(n)` after each chunk. Collective: every rank must call this
+        with the same number of chunks, ceil(len(sentences) / batch_size)."""
         start = time.perf_counter()
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         out = torch.empty(len(sentences), self.dim)
@@ -123,6 +123,8 @@ class ZeroTeacher:
             index = order[first : first + self.batch_size]
             batch = self.encoder.tokenize([sentences[i] for i in index]).to(self.device)
             out[index] = self.encoder(batch["input_ids"], batch["attention_mask"]).float().cpu()
+            if progress is not None:
+                progress.update(len(index))
         self.seconds += time.perf_counter() - start
         return out
 
