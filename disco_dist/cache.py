@@ -78,7 +78,7 @@ def cache_teacher_embeddings(
     forwards_needed = [
         sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank) for per_rank in groups
     ]
-    finished, forwards, start = 0, 0, time.perf_counter()
+    forwards, start = 0, time.perf_counter()
     mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
     for group in groups[env.rank]:
@@ -96,9 +96,6 @@ def cache_teacher_embeddings(
                     shard.write(key, text, embedding)
                 shard.close()
             first += len(shard_samples)
-        finished += 1
-        if env.is_main:
-            log(f"rank 0: {source.shards[group[-1]]['name']} done ({finished}/{len(groups[0])} of this rank's groups)")
     progress.close()
     for _ in range(max(forwards_needed) - forwards):
         teacher.padding_forward()

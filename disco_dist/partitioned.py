@@ -66,14 +66,21 @@ class Checkpoint:
                 return key
         return None
 
+    def check(self, key: str, shape: tuple) -> None:
+        """ValueError unless the tensor has a dtype this reader knows and the model's shape."""
+        _, _, dtype, found = self.tensors[key]
+        if dtype is None or found != tuple(shape):
+            raise ValueError(
+                f"{key}: {dtype or 'an unknown dtype'} {found} in the checkpoint, {tuple(shape)} in the model"
+            )
+
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Flat elements [start, end) of a tensor, in the file's dtype."""
         path, first, dtype, shape = self.tensors[key]
         end = math.prod(shape) if end is None else end
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        data = bytearray((end - start) * itemsize)
+        data = bytearray((end - start) * dtype.itemsize)
         with open(path, "rb") as f:
-            f.seek(first + start * itemsize)
+            f.seek(first + start * dtype.itemsize)
             f.readinto(data)
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
@@ -88,13 +95,9 @@ def partition_range(param: nn.Parameter) -> tuple:
 
 def _fill_partition(param: nn.Parameter, checkpoint: Checkpoint, key: str) -> None:
     """Copy this rank's flat elements of a ZeRO-3 parameter from the checkpoint, CHUNK_BYTES at a time."""
-    _, _, dtype, shape = checkpoint.tensors[key]
-    if dtype is None or shape != tuple(param.ds_shape):
-        raise ValueError(
-            f"{key}: {dtype or 'an unknown dtype'} {shape} in the checkpoint, {tuple(param.ds_shape)} in the model"
-        )
+    checkpoint.check(key, param.ds_shape)
     start, end = partition_range(param)
-    step = max(1, CHUNK_BYTES // torch.empty(0, dtype=dtype).element_size())
+    step = max(1, CHUNK_BYTES // checkpoint.tensors[key][2].itemsize)
     for first in range(start, end, step):
         last = min(first + step, end)
         param.ds_tensor.data[first - start : last - start].copy_(checkpoint.read(key, first, last))
@@ -150,13 +153,8 @@ def _load_partitioned(path, dtype: torch.dtype, log):
             for name, buffer in model.named_buffers():
                 key = checkpoint.key_for(name, prefix)
                 if key is not None:
-                    _, _, dtype, shape = checkpoint.tensors[key]
-                    if dtype is None or shape != tuple(buffer.shape):
-                        raise ValueError(
-                            f"{key}: {dtype or 'an unknown dtype'} {shape} in the checkpoint, "
-                            f"{tuple(buffer.shape)} in the model"
-                        )
-                    buffer.copy_(checkpoint.read(key).view(shape))
+                    checkpoint.check(key, buffer.shape)
+                    buffer.copy_(checkpoint.read(key).view(buffer.shape))
             return model
         except ValueError as err:
             problem = str(err)
