@@ -294,7 +294,7 @@ class Benchmark:
         training = self.training
         path = resolve_model_path(self.s.student)
         config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        texts = [t for t, _ in iter_shard_samples(read_index(self.cached).paths())]
+        texts = [t for t, _ in iter_shard_samples(read_index(self.cached))]
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=self.s.max_length)["input_ids"]]
         teacher_dim = json.loads((self.cached / "index.json").read_text())["teacher"]["dim"]
         flops = training_flops_per_sentence(config, lengths, teacher_dim)

@@ -12,18 +12,21 @@ from pathlib import Path
 
 from . import distributed
 from .errors import UserError
-from .files import sha256_of, write_json_atomic
+from .files import write_json_atomic
 from .progress import Progress
 from .shards import (
     INDEX,
     ShardFile,
+    ShardIndex,
     count_shard_samples,
     iter_shard_samples,
     prepare_output_folder,
     read_index,
+    shard_entry,
     verified_index,
     write_index,
 )
+from .stream import describe
 from .teacher import ZeroTeacher
 
 CACHE_PLAN = "cache-plan.json"  # in an unfinished cache folder: what its finished shards were made from
@@ -54,7 +57,7 @@ def cache_teacher_embeddings(
     if source.teacher is not None:
         raise UserError(f"{source_folder} already holds teacher embeddings ({source.teacher['model']})")
     out_folder = Path(out_folder)
-    plan = cache_plan(teacher, source_folder)
+    plan = cache_plan(teacher, source)
     done = set(_finished_shards(source, out_folder, plan, overwrite))  # every rank: a refusal stops them all
     distributed.barrier()
     if env.is_main:
@@ -83,7 +86,7 @@ def cache_teacher_embeddings(
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
     for group in groups[env.rank]:
         # sentences of several shards are length-sorted together: less padding than shard by shard
-        samples = [list(iter_shard_samples([source.paths()[i]], with_keys=True)) for i in group]
+        samples = [list(iter_shard_samples(source, [i], with_keys=True)) for i in group]
         embeddings = teacher.embed([text for shard in samples for _, text, _ in shard], progress)
         forwards += -(-len(embeddings) // teacher.batch_size)
         first = 0
@@ -102,21 +105,14 @@ def cache_teacher_embeddings(
     distributed.barrier()
     seconds = time.perf_counter() - start
     if env.is_main:
-        entries = [
-            {
-                "name": source.shards[i]["name"],
-                "samples": source.counts[i],
-                "sha256": sha256_of(out_folder / source.shards[i]["name"]),
-            }
-            for i in range(len(source.shards))
-        ]
+        entries = [shard_entry(out_folder / entry["name"], entry["samples"]) for entry in source.shards]
         meta = {k: v for k, v in source.meta.items() if k != "format"}
         index = write_index(
             out_folder,
             source.total,
             entries,
             **meta,
-            teacher_source=str(Path(source_folder).resolve()),
+            teacher_source=describe(source_folder),
             teacher={
                 **teacher.describe(),
                 "dtype": "float16",
@@ -136,11 +132,11 @@ def cache_teacher_embeddings(
     distributed.barrier()
 
 
-def cache_plan(teacher: ZeroTeacher, source_folder) -> dict:
+def cache_plan(teacher: ZeroTeacher, source: ShardIndex) -> dict:
     """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size):
     finished shards are reused only under an equal plan."""
     return {
-        "source_index_sha256": sha256_of(Path(source_folder) / INDEX),
+        "source_index_sha256": source.index_sha256,
         **teacher.describe(),
         "batch_size": teacher.batch_size,  # a sentence's batch-mates set its padding, so its last bits
     }

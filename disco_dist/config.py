@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from . import stream
 from .errors import UserError
 from .files import DS_CONFIGS
 
@@ -142,9 +143,10 @@ def distill_parser() -> Parser:
     g = parser.add_argument_group("data and loss")
     g.add_argument(
         "--shards",
-        type=Path,
+        type=stream.location,
         default=Path("runs") / "shards",
-        help="shard folder (with teacher embeddings: cached mode)",
+        help="shard folder (with teacher embeddings: cached mode), or an http(s):// URL of one, or "
+        "'pipe:COMMAND' printing the file {name} (e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -')",
     )
     g.add_argument(
         "--teacher-mode",
@@ -241,7 +243,12 @@ def cache_teacher_parser() -> Parser:
         "once (ZeRO-3 across the ranks) into new shards holding the sentences with their fp16 teacher "
         "embeddings; distill.py then skips the teacher. Rerun the same command to continue a cut-short pass.",
     )
-    parser.add_argument("--shards", type=Path, required=True, help="shard folder made by make_shards.py")
+    parser.add_argument(
+        "--shards",
+        type=stream.location,
+        required=True,
+        help="shard folder made by make_shards.py (or its http(s):// URL, or 'pipe:COMMAND' printing {name})",
+    )
     parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
     add_teacher_flags(parser)
     parser.add_argument("--max-length", type=int, default=128)

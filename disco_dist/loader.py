@@ -40,7 +40,6 @@ class ShardBatches:
         shuffle_buffer: int = 10_000,
         length_bucket: int = 16,
         num_workers: int = 0,
-        handler=None,
     ):
         if len(index.shards) < world_size:
             raise UserError(
@@ -49,7 +48,7 @@ class ShardBatches:
             )
         self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
         self.collate, self.seed, self.shuffle_buffer = collate, seed, shuffle_buffer
-        self.length_bucket, self.num_workers, self.handler = max(1, length_bucket), num_workers, handler
+        self.length_bucket, self.num_workers = max(1, length_bucket), num_workers
         if self.batches_per_epoch(0) == 0:
             raise UserError(
                 f"{index.folder}: {index.total} sentences over {world_size} ranks give no full batch of "
@@ -67,11 +66,10 @@ class ShardBatches:
 
     def raw_batches(self, epoch: int):
         """This rank's epoch as lists of (key, text, teacher) samples, before tokenisation (cheap)."""
-        paths = [self.index.paths()[i] for i in self.shards_of(epoch, self.rank)]
         rng = _rng("samples", self.seed, epoch, self.rank)
         group = self.batch_size * self.length_bucket
         produced, limit = 0, self.batches_per_epoch(epoch)
-        samples = iter_shard_samples(paths, self.handler, with_keys=True)
+        samples = iter_shard_samples(self.index, self.shards_of(epoch, self.rank), with_keys=True)
         for chunk in _chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
             if self.length_bucket > 1:
                 chunk.sort(key=lambda sample: len(sample[1]))

@@ -75,7 +75,7 @@ def worker_st_training(spec: dict) -> dict:
     from .shards import iter_shard_samples, read_index
 
     torch.manual_seed(0)
-    samples = list(iter_shard_samples(read_index(spec["shards"]).paths()))
+    samples = list(iter_shard_samples(read_index(spec["shards"])))
     model = SentenceTransformer(resolve_model_path(spec["student"]), device=spec["device"])
     model.max_seq_length = spec["max_length"]
     dim = model.get_sentence_embedding_dimension()
@@ -122,7 +122,7 @@ def worker_st_encode(spec: dict) -> dict:
     from .encoder import resolve_model_path
     from .shards import iter_shard_samples, read_index
 
-    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]).paths())][: spec.get("limit")]
+    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]))][: spec.get("limit")]
     model = SentenceTransformer(resolve_model_path(spec["teacher"]), device=spec["device"])
     model.max_seq_length = spec["max_length"]
     if spec["precision"] == "bf16":
@@ -150,7 +150,7 @@ def worker_teacher_ranks(spec: dict) -> dict:
     env = distributed.init_distributed(spec.get("local_rank", -1))
     # both sides at the ZeRO-3 teacher's default for this device and world size
     batch_size = spec["teacher_batch_size"] or default_teacher_batch_size(env.device, env.world_size > 1)
-    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]).paths())]
+    texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]))]
     mine = texts[env.rank :: env.world_size]
     if spec["mode"] == "zero3":
         teacher = ZeroTeacher(

@@ -1,13 +1,17 @@
 """WebDataset shards of sentences (optionally with cached teacher embeddings) and their index.
 
 A shard folder holds `shard-000000.tar`, ... and `index.json`:
-    {"format": 1, "total": N, "shards": [{"name", "samples", "sha256"}, ...], "source": ..., "source_sha256": ...,
-     "seed": ..., "dropped": {...}, "teacher": null | {"model", "dim", "dtype"}}
+    {"format": 1, "total": N, "shards": [{"name", "samples", "sha256", "bytes"}, ...], "source": ...,
+     "source_sha256": ..., "seed": ..., "dropped": {...}, "teacher": null | {"model", "dim", "dtype"}}
 Each sample is `<key>.txt` (UTF-8 sentence) and, in teacher-cached shards, `<key>.teacher.f16` (the teacher's
 embedding as raw little-endian float16). The index is what lets every rank know the epoch's length up front.
 Everything is written to temporary names and renamed, the index last: a folder with an index is complete.
+A folder is read from where `stream.py` says: on disk, from an http(s) server or through a `pipe:` command; each
+shard is checked against its sha256 as it is read, before any of its samples is used.
 """
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -17,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .data.corpus import CorpusStats, read_corpus
-from .errors import UserError
+from .errors import RankError, UserError
 from .files import sha256_of, write_json_atomic
 from .progress import Progress
+from .stream import check_base, fetch, is_remote, join
 
 INDEX = "index.json"
 FORMAT = 1
@@ -28,15 +33,16 @@ TEACHER_KEY = "teacher.f16"
 
 @dataclass
 class ShardIndex:
-    folder: Path
+    folder: Path | str  # a local folder, an http(s) base URL or a pipe: command (see stream.py)
     shards: list  # [{"name", "samples", "sha256"}]
     total: int
     teacher: dict | None
     meta: dict
+    index_sha256: str = ""  # of index.json itself: what a cache made from these shards records
     skipped: list = field(default_factory=list)  # names of bad shards left out by `verified_index`
 
     def paths(self) -> list:
-        return [str(self.folder / s["name"]) for s in self.shards]
+        return [join(self.folder, s["name"]) for s in self.shards]
 
     @property
     def counts(self) -> list:
@@ -45,17 +51,25 @@ class ShardIndex:
     def without(self, numbers) -> "ShardIndex":
         drop = set(numbers)
         shards = [s for i, s in enumerate(self.shards) if i not in drop]
-        return ShardIndex(self.folder, shards, sum(s["samples"] for s in shards), self.teacher, self.meta)
+        total = sum(s["samples"] for s in shards)
+        return ShardIndex(self.folder, shards, total, self.teacher, self.meta, self.index_sha256)
 
 
 def verified_index(index: ShardIndex, rank: int, world_size: int, bad_shards: str = "stop", log=print) -> ShardIndex:
     """Check every shard against its index entry (sha256), each rank hashing its share. A shard that was
     truncated, corrupted or changed after indexing stops the run (`bad_shards="stop"`) or is left out on every
-    rank alike (`"skip"`, with a warning), so the ranks still agree on the batch count. Collective."""
+    rank alike (`"skip"`, with a warning), so the ranks still agree on the batch count. Collective.
+
+    Shards on a server are not read twice for "stop": every shard is checked as it streams, before use."""
     from . import distributed
 
+    remote = is_remote(index.folder)
+    if remote and bad_shards != "skip":
+        return index
     mine = range(rank, len(index.shards), world_size)
-    bad = [i for i in mine if sha256_of(index.folder / index.shards[i]["name"]) != index.shards[i]["sha256"]]
+    paths = index.paths()
+    digest = (lambda i: fetch(paths[i], log=log).sha256) if remote else (lambda i: sha256_of(paths[i]))
+    bad = [i for i in mine if digest(i) != index.shards[i]["sha256"]]
     if world_size > 1:
         bad = [i for per_rank in distributed.all_gather_objects(bad) for i in per_rank]
     if not bad:
@@ -78,6 +92,8 @@ def verified_index(index: ShardIndex, rank: int, world_size: int, bad_shards: st
 
 
 def read_index(folder) -> ShardIndex:
+    if is_remote(folder):
+        return _read_remote_index(str(folder))
     folder = Path(folder)
     path = folder / INDEX
     if not folder.is_dir():
@@ -87,21 +103,32 @@ def read_index(folder) -> ShardIndex:
             f"{path} is missing (an unfinished or foreign shard folder); "
             "re-run `python launchers/make_shards.py` into a new folder"
         )
-    try:
-        raw = json.loads(path.read_text())
-        shards, total = raw["shards"], int(raw["total"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is not a disco-dist shard index ({err}); re-make the shards") from None
-    if not shards:
-        raise UserError(f"{path} lists no shards; the corpus had no usable sentences")
-    if sum(s["samples"] for s in shards) != total:
-        raise UserError(f"{path}: shard sample counts do not add up to total={total}; the index is corrupt")
-    for shard in shards:
+    index = _parse_index(path.read_bytes(), folder, path)
+    for shard in index.shards:
         file = folder / shard["name"]
         if not file.is_file():
             raise UserError(f"{file} is listed in {path} but missing; re-make or re-copy the shard folder")
+    return index
+
+
+def _read_remote_index(base: str) -> ShardIndex:
+    check_base(base)
+    location = join(base, INDEX)
+    return _parse_index(fetch(location, error=UserError).data, base, location)
+
+
+def _parse_index(content: bytes, folder, where) -> ShardIndex:
+    try:
+        raw = json.loads(content)
+        shards, total = raw["shards"], int(raw["total"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{where} is not a disco-dist shard index ({err}); re-make the shards") from None
+    if not shards:
+        raise UserError(f"{where} lists no shards; the corpus had no usable sentences")
+    if sum(s["samples"] for s in shards) != total:
+        raise UserError(f"{where}: shard sample counts do not add up to total={total}; the index is corrupt")
     meta = {k: v for k, v in raw.items() if k not in ("shards", "total", "teacher")}
-    return ShardIndex(folder, shards, total, raw.get("teacher"), meta)
+    return ShardIndex(folder, shards, total, raw.get("teacher"), meta, hashlib.sha256(content).hexdigest())
 
 
 class ShardFile:
@@ -129,7 +156,12 @@ class ShardFile:
         self._writer.close()
         self._file.close()
         os.replace(self._tmp, self.path)
-        return {"name": self.path.name, "samples": self.samples, "sha256": sha256_of(self.path)}
+        return shard_entry(self.path, self.samples)
+
+
+def shard_entry(path: Path, samples: int) -> dict:
+    """The index entry of a finished shard file: what a reader checks it against."""
+    return {"name": path.name, "samples": samples, "sha256": sha256_of(path), "bytes": path.stat().st_size}
 
 
 def prepare_output_folder(folder, overwrite: bool, keep_finished_shards: bool = False) -> Path:
@@ -233,21 +265,25 @@ def count_shard_samples(path) -> int:
         return 0
 
 
-def iter_shard_samples(paths, handler=None, with_keys=False):
-    """(text, teacher embedding or None) from the given tar shards in order, via webdataset
-    (with `with_keys`: (key, text, teacher))."""
-    import webdataset as wds
+def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=print):
+    """(text, teacher embedding or None) from shards `numbers` of the index (default: all) in that order
+    (with `with_keys`: (key, text, teacher)). Each shard is read whole, from wherever the index lives, and its
+    samples are used only once its sha256 matches the index: a shard changed during a run stops it."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    dataset = wds.WebDataset(
-        paths,
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        empty_check=False,
-        handler=handler or wds.reraise_exception,
-    )
-    for sample in dataset:
-        teacher = sample.get(TEACHER_KEY)
-        teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")
-        text = sample["txt"].decode("utf-8")
-        yield (sample["__key__"], text, teacher) if with_keys else (text, teacher)
+    paths = index.paths()
+    for i in range(len(index.shards)) if numbers is None else numbers:
+        entry = index.shards[i]
+        shard = fetch(paths[i], entry.get("bytes"), log=log)
+        if shard.sha256 != entry["sha256"]:
+            raise RankError(
+                f"{paths[i]} does not match {INDEX} (sha256 {shard.sha256[:12]}..., indexed "
+                f"{entry['sha256'][:12]}...): changed since the shards were made or checked; restore or re-make "
+                "it and rerun (training: --resume auto)"
+            )
+        files = ({**file, "__url__": paths[i]} for file in tar_file_iterator(io.BytesIO(shard.data)))
+        for sample in group_by_keys(files):
+            teacher = sample.get(TEACHER_KEY)
+            teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")
+            text = sample["txt"].decode("utf-8")
+            yield (sample["__key__"], text, teacher) if with_keys else (text, teacher)

@@ -143,7 +143,7 @@ class Distill(Stage):
     def _head_samples(self, index):
         """The first N sentences of the shards (the same on every rank) and their teacher embeddings."""
         samples = []
-        for text, teacher in iter_shard_samples(index.paths()):
+        for text, teacher in iter_shard_samples(index):
             samples.append((text, teacher))
             if len(samples) == self.args.head_init_samples:
                 break

@@ -24,7 +24,7 @@ def test_round_trip_and_index(corpus, tmp_path):
     assert index.counts == [20, 20, 20, 20, 15] and index.total == 95
     assert index.meta["dropped"] == {"empty": 2, "duplicate": 1, "undecodable": 0}
     assert index.meta["source_sha256"] == sha256_of(corpus)
-    texts = [t for t, _ in iter_shard_samples(index.paths())]
+    texts = [t for t, _ in iter_shard_samples(index)]
     assert sorted(texts) == sorted(f"sentence number {i}" for i in range(95))
     assert texts != [f"sentence number {i}" for i in range(95)]  # shuffled
 
@@ -43,7 +43,7 @@ def test_teacher_embeddings_round_trip(tmp_path):
     for i, v in enumerate(vectors):
         writer.write(f"s{i}", v)
     index = writer.finish(teacher={"model": "x", "dim": 8, "dtype": "float16"})
-    got = list(iter_shard_samples(index.paths()))
+    got = list(iter_shard_samples(index))
     assert [t for t, _ in got] == ["s0", "s1", "s2"]
     np.testing.assert_array_equal(np.stack([e for _, e in got]), vectors.astype(np.float16))
 

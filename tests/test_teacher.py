@@ -71,9 +71,9 @@ def test_cache_pass_writes_fp16_embeddings_for_every_sentence(tmp_path):
     )
     index = read_index(tmp_path / "cached")
     assert index.counts == read_index(tmp_path / "src").counts and index.teacher["dim"] == 64
-    samples = list(iter_shard_samples(index.paths()))
+    samples = list(iter_shard_samples(index))
     texts = [t for t, _ in samples]
-    assert texts == [t for t, _ in iter_shard_samples(read_index(tmp_path / "src").paths())]
+    assert texts == [t for t, _ in iter_shard_samples(read_index(tmp_path / "src"))]
     expected = Encoder.from_pretrained(model_dir).encode(texts).numpy().astype(np.float16)
     np.testing.assert_allclose(np.stack([e for _, e in samples]).astype(np.float32), expected, atol=2e-3)
     assert json.loads((tmp_path / "cached" / "index.json").read_text())["teacher"]["dtype"] == "float16"
@@ -128,8 +128,9 @@ def plan_only_rank(rank, world_size, model_dir, ds_config, source, out):
     from disco_dist.cache import CACHE_PLAN, cache_plan
     from disco_dist.distributed import read_env
     from disco_dist.files import write_json_atomic
+    from disco_dist.shards import read_index
     from disco_dist.teacher import ZeroTeacher
 
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
-    write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, source))
+    write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source)))
     return True

@@ -1,0 +1,168 @@
+"""Where shards are read from: a local folder, an http(s):// base URL, or a `pipe:` command; whole files into memory,
+hashed while they stream, with a bounded number of retries from the start of the file when a transfer breaks.
+
+    runs/shards                                       a local folder
+    http://host:8000/shards                           index.json and shard-*.tar fetched from under it
+    pipe:aws s3 cp s3://bucket/shards/{name} -        any command printing the file named {name} on stdout
+
+A shard is small (1,000 sentences: ~0.2 MB of text, ~1.7 MB with teacher embeddings), so it is held in memory,
+never written to disk, and its sha256 is checked before any of its samples is used. `DISCO_SHARD_RETRIES` (default
+3) sets the retries per file, `DISCO_SHARD_TIMEOUT` (default 60 s) how long a silent server is waited for.
+"""
+
+import hashlib
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RankError, UserError
+
+CHUNK = 1 << 20
+
+
+def is_remote(location) -> bool:
+    return str(location).startswith(("http://", "https://", "pipe:"))
+
+
+def join(base, name: str) -> str:
+    """The location of file `name` of the shard folder at `base`."""
+    base = str(base)
+    if base.startswith("pipe:"):
+        return base.replace("{name}", name)
+    if base.startswith(("http://", "https://")):
+        return base.rstrip("/") + "/" + name
+    return str(Path(base) / name)
+
+
+def location(value: str):
+    """A --shards value as the flag keeps it: a URL or command as given, a local folder as a Path."""
+    return value if is_remote(value) else Path(value)
+
+
+def describe(location) -> str:
+    """How an index records where its source was: a URL or command as given, a folder as an absolute path."""
+    return str(location) if is_remote(location) else str(Path(location).resolve())
+
+
+def check_base(base) -> None:
+    if str(base).startswith("pipe:") and "{name}" not in str(base):
+        raise UserError(
+            f"--shards {base}: a pipe: command must name the file it prints as {{name}}, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -'"
+        )
+
+
+class TransferError(Exception):
+    """A transfer that broke (refused, cut, timed out, short, a failing command): worth another try."""
+
+
+class NotFound(Exception):
+    """The server (or command) answered that the file is not there: no retry helps."""
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    sha256: str
+    tries: int
+
+
+def _env_number(name: str, default: float, cast=float):
+    value = os.environ.get(name, str(default))
+    try:
+        number = cast(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise UserError(f"{name}={value!r}: give a number, 0 or more (default {default})")
+    return number
+
+
+def retries() -> int:
+    return _env_number("DISCO_SHARD_RETRIES", 3, int)
+
+
+def timeout() -> float:
+    return _env_number("DISCO_SHARD_TIMEOUT", 60.0)
+
+
+def _read_http(url: str, digest) -> bytes:
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout())
+    except urllib.error.HTTPError as err:
+        if err.code in (404, 410):
+            raise NotFound(f"HTTP {err.code} {err.reason}") from None
+        raise TransferError(f"HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise TransferError(str(getattr(err, "reason", err))) from None
+    with response:
+        declared = response.headers.get("Content-Length")
+        parts = []
+        try:
+            # read(n) returns short data, not an error, when the server closes early: the length check below
+            for block in iter(lambda: response.read(CHUNK), b""):
+                digest.update(block)
+                parts.append(block)
+        except (OSError, ValueError) as err:  # reset, timeout, IncompleteRead
+            raise TransferError(f"connection broken after {sum(map(len, parts))} bytes ({err})") from None
+    data = b"".join(parts)
+    if declared is not None and len(data) != int(declared):
+        raise TransferError(f"connection closed after {len(data)} of {declared} bytes")
+    return data
+
+
+def _read_pipe(command: str, digest) -> bytes:
+    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parts = []
+    for block in iter(lambda: process.stdout.read(CHUNK), b""):
+        digest.update(block)
+        parts.append(block)
+    stderr = process.stderr.read().decode(errors="replace").strip().splitlines()
+    if process.wait() != 0:
+        raise TransferError(f"`{command}` exited with {process.returncode}" + (f": {stderr[-1]}" if stderr else ""))
+    return b"".join(parts)
+
+
+def _read_local(path: str, digest) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFound("no such file") from None
+    digest.update(data)
+    return data
+
+
+def fetch(location: str, size: int | None = None, log=print, error=RankError) -> Fetched:
+    """The whole file at `location`, hashed as it streams. A broken transfer (or fewer than `size` bytes, where
+    the index records the size) is retried from the start, `retries()` times with 1, 2, 4, ... s between tries;
+    then, or for a file that is not there, one line naming the location (`error`: RankError where this rank
+    alone reads the file, UserError where every rank does)."""
+    attempts = retries() + 1
+    for attempt in range(1, attempts + 1):
+        digest = hashlib.sha256()
+        try:
+            if location.startswith("pipe:"):
+                data = _read_pipe(location[len("pipe:") :], digest)
+            elif location.startswith(("http://", "https://")):
+                data = _read_http(location, digest)
+            else:
+                data = _read_local(location, digest)
+            if size is not None and len(data) < size:
+                raise TransferError(f"got {len(data)} of {size} bytes")
+            return Fetched(data, digest.hexdigest(), attempt)
+        except NotFound as err:
+            raise error(f"could not read {location}: {err}; check the --shards location") from None
+        except TransferError as err:
+            if attempt == attempts:
+                raise error(
+                    f"could not read {location} in {attempts} tries ({err}); check the server or network, "
+                    "then rerun (training: --resume auto; DISCO_SHARD_RETRIES sets the tries)"
+                ) from None
+            wait = 2 ** (attempt - 1)
+            log(f"warning: reading {location} failed ({err}); try {attempt + 1} of {attempts} in {wait} s")
+            time.sleep(wait)
+    raise AssertionError("unreachable")

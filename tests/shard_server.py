@@ -1,0 +1,57 @@
+"""A real HTTP server on 127.0.0.1 for the shard-streaming tests: serves a folder, and cuts the connection
+part-way through the first responses for the files it is told to (as a flaky network or a restarted proxy does).
+
+    with ShardServer(folder, cut={"shard-000002.tar": 1}) as server:
+        server.url      # http://127.0.0.1:PORT
+        server.gets     # {"shard-000002.tar": 2, ...} requests per file
+"""
+
+import functools
+import threading
+from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        with self.server.lock:
+            self.server.gets[name] += 1
+            cut = self.server.cut.get(name, 0) > 0
+            if cut:
+                self.server.cut[name] -= 1
+        file = Path(self.directory) / self.path.lstrip("/")
+        if not cut or not file.is_file():
+            return super().do_GET()
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])  # then the connection drops
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class ShardServer:
+    def __init__(self, folder, cut: dict | None = None):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
+        self.server.gets, self.server.cut, self.server.lock = Counter(), dict(cut or {}), threading.Lock()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def gets(self) -> Counter:
+        return self.server.gets
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
