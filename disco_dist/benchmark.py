@@ -177,7 +177,7 @@ class Benchmark:
     # -- the inputs the parts share
     def prepare(self) -> None:
         from .data import resolve_data_root
-        from .shards import make_shards
+        from .make_shards import make_shards
 
         corpus = self.s.corpus or resolve_data_root(None) / "wiki" / "wiki_en_sentences_100k.txt.gz"
         self.source = self.work / "source"

@@ -18,10 +18,22 @@ from .errors import exit_on_user_error
 
 def make_shards(args) -> Path:
     from .data import resolve_data_root
-    from .shards import make_shards as write_shards
+    from .make_shards import make_shards as write_shards
 
     corpus = Path(args.corpus) if args.corpus else resolve_data_root(args.data_root) / config.DEFAULT_CORPUS
-    write_shards(corpus, args.out, args.shard_size, args.seed, args.limit, args.overwrite)
+    write_shards(
+        corpus,
+        args.out,
+        args.shard_size,
+        args.seed,
+        args.limit,
+        args.overwrite,
+        text_field=args.text_field,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        bad_rows=args.bad_rows,
+        shuffle_rows=args.shuffle_rows,
+    )
     return args.out
 
 

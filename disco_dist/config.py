@@ -215,13 +215,34 @@ def finetune_parser() -> Parser:
 
 
 def make_shards_parser() -> Parser:
+    from .data.corpus import FORMATS_HELP
+
     parser = Parser(
         prog="make_shards.py",
-        description="Turn a text corpus (one sentence per line, optionally .gz) "
-        "into shuffled WebDataset shards + index.json. Empty and duplicate lines and undecodable bytes "
-        "are dropped and counted; text is never truncated.",
+        description="Turn a corpus (text, JSONL, Parquet, a datasets folder) into shuffled WebDataset shards + "
+        "index.json, in bounded memory. Empty, duplicate, filtered and undecodable rows are dropped and counted; "
+        "text is never truncated.",
     )
-    parser.add_argument("--corpus", help=f"text file (default: <data root>/{DEFAULT_CORPUS})")
+    parser.add_argument("--corpus", help=f"{FORMATS_HELP} (default: <data root>/{DEFAULT_CORPUS})")
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL field / Parquet or datasets column holding the text (default text)"
+    )
+    parser.add_argument("--min-chars", type=int, default=0, help="drop sentences shorter than this (counted)")
+    parser.add_argument("--max-chars", type=int, help="drop sentences longer than this (counted; never truncated)")
+    parser.add_argument(
+        "--bad-rows",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a row that is not text (null, a number, a missing field, a line that is not JSON): stop with one "
+        "line naming the file and row, or drop it and count it",
+    )
+    parser.add_argument(
+        "--shuffle-rows",
+        type=int,
+        default=1_000_000,
+        help="sentences held in memory while shuffling (default 1,000,000, ~150 MB); a larger corpus is "
+        "shuffled through temporary buckets in --out",
+    )
     add_data_root(parser)
     parser.add_argument("--out", required=True, type=Path, help="shard folder to create")
     parser.add_argument(

@@ -14,16 +14,13 @@ import hashlib
 import io
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .data.corpus import CorpusStats, read_corpus
 from .errors import RankError, UserError
 from .files import sha256_of, write_json_atomic
-from .progress import Progress
 from .stream import check_base, fetch, is_remote, join
 
 INDEX = "index.json"
@@ -218,40 +215,6 @@ class ShardFolderWriter:
 
 def shard_name(number: int) -> str:
     return f"shard-{number:06d}.tar"
-
-
-def make_shards(corpus, out, shard_size=1000, seed=0, limit=None, overwrite=False, log=print) -> ShardIndex:
-    """Text corpus -> shuffled shards + index. Deterministic for a given corpus, limit and seed."""
-    stats = CorpusStats()
-    reading = Progress("make_shards: reading", "sentences", total=limit, log=log)
-    sentences = []
-    for sentence in read_corpus(corpus, stats, limit=limit):
-        sentences.append(sentence)
-        reading.update()
-    reading.close()
-    random.Random(seed).shuffle(sentences)
-    writer = ShardFolderWriter(out, shard_size, overwrite)
-    writing = Progress("make_shards: writing", "sentences", total=len(sentences), log=log)
-    for sentence in sentences:
-        writer.write(sentence)
-        writing.update()
-    writing.close()
-    dropped = {"empty": stats.empty, "duplicate": stats.duplicates, "undecodable": stats.undecodable}
-    index = writer.finish(
-        source=str(Path(corpus).resolve()),
-        source_sha256=sha256_of(corpus),
-        seed=seed,
-        limit=limit,
-        lines_read=stats.lines,
-        dropped=dropped,
-        teacher=None,
-    )
-    log(
-        f"wrote {index.total} sentences in {len(index.shards)} shards to {out} "
-        f"(read {stats.lines} lines; dropped {stats.empty} empty, {stats.duplicates} duplicate, "
-        f"{stats.undecodable} undecodable)"
-    )
-    return index
 
 
 def count_shard_samples(path) -> int:

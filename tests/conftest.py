@@ -89,7 +89,7 @@ PROBE_SENTENCES = [
 def build_tiny_run_inputs(root: Path, sentences: list, shard_size: int, student_layers: int = 2):
     """What a distillation run needs, tiny: a student (32 wide), a teacher (48 wide, so a projection is needed),
     a corpus file and its shards. Returns (root, student, teacher, corpus); shards are in root/"shards"."""
-    from disco_dist.shards import make_shards
+    from disco_dist.make_shards import make_shards
 
     student = build_tiny_model(root / "student", hidden=32, layers=student_layers, seed=0)
     teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)

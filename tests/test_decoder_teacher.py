@@ -14,7 +14,8 @@ from conftest import PROBE_SENTENCES, PROMPT, REPO, build_tiny_decoder, build_ti
 
 from disco_dist.encoder import Encoder
 from disco_dist.errors import UserError
-from disco_dist.shards import iter_shard_samples, make_shards, read_index
+from disco_dist.make_shards import make_shards
+from disco_dist.shards import iter_shard_samples, read_index
 
 DS_CONFIG = str(REPO / "ds_configs" / "teacher_zero3.json")
 

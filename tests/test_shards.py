@@ -8,7 +8,8 @@ from conftest import REPO
 
 from disco_dist.errors import UserError
 from disco_dist.files import sha256_of
-from disco_dist.shards import ShardFolderWriter, iter_shard_samples, make_shards, read_index
+from disco_dist.make_shards import make_shards
+from disco_dist.shards import ShardFolderWriter, iter_shard_samples, read_index
 
 
 @pytest.fixture
@@ -22,7 +23,14 @@ def corpus(tmp_path):
 def test_round_trip_and_index(corpus, tmp_path):
     index = make_shards(corpus, tmp_path / "shards", shard_size=20, seed=3, log=lambda *_: None)
     assert index.counts == [20, 20, 20, 20, 15] and index.total == 95
-    assert index.meta["dropped"] == {"empty": 2, "duplicate": 1, "undecodable": 0}
+    assert index.meta["dropped"] == {
+        "empty": 2,
+        "undecodable": 0,
+        "bad": 0,
+        "too_short": 0,
+        "too_long": 0,
+        "duplicate": 1,
+    }
     assert index.meta["source_sha256"] == sha256_of(corpus)
     texts = [t for t, _ in iter_shard_samples(index)]
     assert sorted(texts) == sorted(f"sentence number {i}" for i in range(95))

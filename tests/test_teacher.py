@@ -8,7 +8,8 @@ import torch
 from conftest import REPO, assert_one_line, build_tiny_model, run, run_on_ranks
 
 from disco_dist.encoder import Encoder
-from disco_dist.shards import iter_shard_samples, make_shards, read_index
+from disco_dist.make_shards import make_shards
+from disco_dist.shards import iter_shard_samples, read_index
 
 SENTENCES = ["a man plays the guitar.", "two dogs run in the park", "the first album of the year", "a", "b c d"] * 3
 
