@@ -2,15 +2,8 @@ import gzip
 
 import pytest
 
-from disco_dist.data import (
-    read_corpus,
-    read_nli_triplets,
-    read_sick,
-    read_sts_benchmark,
-    read_sts_year,
-    resolve_data_root,
-)
-from disco_dist.data.corpus import CorpusStats
+from disco_dist.data import read_nli_triplets, read_sick, read_sts_benchmark, read_sts_year, resolve_data_root
+from disco_dist.data.corpus import CorpusStats, read_corpus
 from disco_dist.errors import UserError
 
 

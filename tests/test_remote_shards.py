@@ -112,3 +112,107 @@ def test_a_missing_index_or_dead_server_is_one_line(shards, tmp_path):
         "cache_teacher.py", "--shards", f"{dead}/shards", "--out", tmp_path / "out", env={"DISCO_SHARD_RETRIES": "0"}
     )
     assert_one_line(result, f"could not read {dead}/shards/index.json in 1 tries", "check the server")
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    from conftest import build_tiny_run_inputs
+
+    from disco_dist.data import read_sts_task
+
+    pairs = read_sts_task("STSBenchmark", split="train")
+    unique = list(dict.fromkeys(s.strip() for s in pairs.sentences1 + pairs.sentences2))
+    root, student, teacher, _ = build_tiny_run_inputs(tmp_path_factory.mktemp("remote"), unique[:1200], 100)
+    return root, student, teacher
+
+
+def distill_from(shards, inputs, run_dir, *extra):
+    from test_train import distill_args, launch
+
+    root, student, teacher = inputs
+    args = distill_args(root, student, teacher, run_dir, "--max-steps", 12, "--sample-log", *extra)
+    args[args.index("--shards") + 1] = shards
+    return launch("distill.py", args, timeout=400)
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_train_from_a_server_as_from_the_folder(run_inputs, tmp_path):
+    """`deepspeed launchers/distill.py --shards http://...` on 2 ranks through cut connections: the same batches
+    (sample logs), losses and weights as from the local folder; a shard changed on the server stops the run in one
+    line naming it; the teacher-cache pass reads a served folder into the same bytes."""
+    from safetensors.torch import load_file
+
+    from disco_dist.metrics import read_sample_logs
+
+    root = run_inputs[0]
+    local = distill_from(root / "shards", run_inputs, tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    with ShardServer(root, cut={"shard-000002.tar": 1, "shard-000009.tar": 1}) as server:
+        served = distill_from(f"{server.url}/shards", run_inputs, tmp_path / "served")
+        assert served.returncode == 0, served.stderr[-3000:]
+        assert server.gets["shard-000002.tar"] >= 2 and "try 2 of 3" in served.stdout + served.stderr
+        cache = run(
+            "cache_teacher.py",
+            "--shards",
+            f"{server.url}/shards",
+            "--out",
+            tmp_path / "cached",
+            "--teacher",
+            run_inputs[2],
+            "--teacher-batch-size",
+            32,
+        )
+        assert cache.returncode == 0, cache.stderr[-3000:]
+    assert read_sample_logs(tmp_path / "served") == read_sample_logs(tmp_path / "local")
+    weights = [load_file(next((tmp_path / r / "final").glob("*.safetensors"))) for r in ("local", "served")]
+    assert all(torch_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    local_cache = run(
+        "cache_teacher.py",
+        "--shards",
+        root / "shards",
+        "--out",
+        tmp_path / "cached-local",
+        "--teacher",
+        run_inputs[2],
+        "--teacher-batch-size",
+        32,
+    )
+    assert local_cache.returncode == 0
+    assert shard_digests(tmp_path / "cached") == shard_digests(tmp_path / "cached-local")
+
+    changed = tmp_path / "changed" / "shards"
+    shutil.copytree(root / "shards", changed)
+    shutil.copy(changed / "shard-000001.tar", changed / "shard-000004.tar")
+    with ShardServer(changed.parent) as server:
+        result = distill_from(f"{server.url}/shards", run_inputs, tmp_path / "stopped")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert any("shard-000004.tar does not match index.json" in line for line in errors), errors
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def shard_digests(folder) -> list:
+    return [s["sha256"] for s in read_index(folder).shards]
+
+
+def test_the_loader_rate_script_measures_the_folder_and_the_served_folder(shards, tiny_student, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "rate.json"
+    cmd = [sys.executable, "-m", "disco_dist.loader_rate", "--shards", str(shards), "--serve", "--ranks", "2"]
+    cmd += ["--student", str(tiny_student), "--batch-size", "8", "--consumption", "10", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["source"].startswith("http://127.0.0.1:") for r in rows] == [False, True]
+    assert all(r["sentences"] == 2 * (150 // 8) * 8 and r["x_consumption"] == round(r["sentences_per_s"] / 10, 1) for r in rows)
+    assert "sentences/s" in result.stdout and "CPU:" in result.stdout

@@ -37,14 +37,12 @@ def require_file(path: Path) -> Path:
     return Path(path)
 
 
-from .corpus import read_corpus  # noqa: E402
 from .nli import read_nli_triplets  # noqa: E402
 from .sts import STS_TASKS, StsPairs, read_sick, read_sts_benchmark, read_sts_task, read_sts_year  # noqa: E402
 
 __all__ = [
     "resolve_data_root",
     "require_file",
-    "read_corpus",
     "read_nli_triplets",
     "STS_TASKS",
     "StsPairs",
