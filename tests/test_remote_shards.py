@@ -214,5 +214,6 @@ def test_the_loader_rate_script_measures_the_folder_and_the_served_folder(shards
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["source"].startswith("http://127.0.0.1:") for r in rows] == [False, True]
-    assert all(r["sentences"] == 2 * (150 // 8) * 8 and r["x_consumption"] == round(r["sentences_per_s"] / 10, 1) for r in rows)
+    assert all(r["sentences"] == 2 * (150 // 8) * 8 for r in rows)  # 2 ranks, 150 sentences each, batch 8
+    assert all(r["x_consumption"] == round(r["sentences_per_s"] / 10, 1) for r in rows)
     assert "sentences/s" in result.stdout and "CPU:" in result.stdout
