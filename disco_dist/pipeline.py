@@ -116,7 +116,7 @@ def build_jobs(args) -> list:
     )
     finetune = dict(student=run / "distill" / "final", run_dir=run / "finetune", resume="auto")
     jobs = [
-        Job("shards", flags({**shard_flags, **common}), training.single()),
+        Job("shards", flags({**shard_flags, **common}) + shlex.split(args.shards_args), training.single()),
         Job("cache", flags(dict(shards=shards, out=cached, teacher=args.teacher, overwrite=True)), training),
         Job("distill", flags({**distill, **common}) + shlex.split(args.distill_args), training),
         Job("finetune", flags({**finetune, **common}) + shlex.split(args.finetune_args), training),

@@ -28,7 +28,14 @@ def main(argv=None):
     parser = Parser(prog="submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo = load_recipe("demo")
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "pipeline")
-    parser.add_argument("--corpus", help="text corpus (default: the shared Wikipedia sentences)")
+    parser.add_argument(
+        "--corpus", help="text, JSONL, Parquet or datasets corpus (default: the shared Wikipedia sentences)"
+    )
+    parser.add_argument(
+        "--shards-args",
+        default="",
+        help="more flags for make_shards.py (one quoted string), e.g. '--text-field body --min-chars 20'",
+    )
     add_data_root(parser)
     parser.add_argument(
         "--sentences", type=int, default=demo["sentences"], help="distillation sentences (corpus prefix)"
