@@ -87,8 +87,10 @@ class ShardBatches:
         dataset = _CollatedBatches(self, epoch, start)
         if self.num_workers == 0:
             return iter(dataset)
-        # batch_size=None: the dataset already yields batches; in-order round-robin over workers
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+        # batch_size=None: the dataset already yields batches; in-order round-robin over workers. Every worker reads
+        # the rank's whole stream (K workers read each shard K times: cheap from disk, K-fold traffic from a server)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return _raising_user_errors(iter(loader))
 
 
 class _CollatedBatches(IterableDataset):
@@ -97,7 +99,15 @@ class _CollatedBatches(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is None:
+            yield from self._batches(0, 1)
+            return
+        try:
+            yield from self._batches(info.id, info.num_workers)
+        except UserError as err:  # to the main process as data: torch would wrap it in a worker's traceback
+            yield {WORKER_ERROR: (type(err), str(err))}
+
+    def _batches(self, worker: int, workers: int):
         for number, batch in enumerate(self.loader.raw_batches(self.epoch)):
             if number >= self.start and (number - self.start) % workers == worker:
                 texts = [text for _, text, _ in batch]
@@ -107,6 +117,18 @@ class _CollatedBatches(IterableDataset):
                     else torch.from_numpy(np.stack([t for *_, t in batch]).astype(np.float32))
                 )
                 yield {**self.loader.collate(texts, teacher), "keys": [key for key, _, _ in batch]}
+
+
+WORKER_ERROR = "__user_error__"
+
+
+def _raising_user_errors(batches):
+    """Batches from DataLoader workers; a worker's UserError (a shard that fails its check) raised here, whole."""
+    for batch in batches:
+        if WORKER_ERROR in batch:
+            kind, message = batch[WORKER_ERROR]
+            raise kind(message)
+        yield batch
 
 
 def _shuffled(samples, buffer_size: int, rng: random.Random):

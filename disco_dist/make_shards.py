@@ -4,7 +4,8 @@ Pass 1 streams the corpus (`data/corpus.py`: formats, filters, deduplication) in
 sentences. If they are at most `shuffle_rows`, they are shuffled in memory with `random.Random(seed)`; otherwise
 each goes to one of K temporary buckets drawn at random (seeded), and each bucket, at most about `shuffle_rows`
 sentences, is shuffled in memory and written out in turn: together a uniform random order. Memory: the seen-set's
-8 bytes per kept sentence (`data/dedupe.py`) plus at most about `shuffle_rows` sentences. The temporary files live
+8 bytes per kept sentence (`data/dedupe.py`) plus at most about `shuffle_rows` sentences (beyond MAX_BUCKETS x
+shuffle_rows / 2 sentences, the buckets grow past it). The temporary files live
 in `<out>/.make_shards-tmp/` and are removed at the end.
 """
 
@@ -52,7 +53,7 @@ def make_shards(
     if ignored:
         names = ", ".join(str(p.relative_to(corpus)) for p in ignored[:5]) + (", ..." if len(ignored) > 5 else "")
         log(f"make_shards: {len(ignored)} file(s) of {corpus} are not corpus files and are not read ({names})")
-    tmp = out / TMP
+    tmp, created = out / TMP, not out.exists()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -72,6 +73,8 @@ def make_shards(
         writing.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out.iterdir()):  # a corpus that failed before any shard: leave no empty folder
+            out.rmdir()
     index = writer.finish(
         source=str(Path(corpus).resolve()),
         source_format=sorted({f.format for f in files}),

@@ -65,7 +65,10 @@ def verified_index(index: ShardIndex, rank: int, world_size: int, bad_shards: st
         return index
     mine = range(rank, len(index.shards), world_size)
     paths = index.paths()
-    digest = (lambda i: fetch(paths[i], log=log).sha256) if remote else (lambda i: sha256_of(paths[i]))
+    if remote:
+        digest = lambda i: fetch(paths[i], index.shards[i].get("bytes"), log=log).sha256  # noqa: E731
+    else:
+        digest = lambda i: sha256_of(paths[i])  # noqa: E731
     bad = [i for i in mine if digest(i) != index.shards[i]["sha256"]]
     if world_size > 1:
         bad = [i for per_rank in distributed.all_gather_objects(bad) for i in per_rank]

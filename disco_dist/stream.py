@@ -3,6 +3,7 @@ hashed while they stream, with a bounded number of retries from the start of the
 
     runs/shards                                       a local folder
     http://host:8000/shards                           index.json and shard-*.tar fetched from under it
+    https://host/shards/{name}?sig=...                {name} marks where the file name goes (signed URLs)
     pipe:aws s3 cp s3://bucket/shards/{name} -        a command printing the file {name} on stdout (split into
                                                       words as a shell would, run without a shell)
 
@@ -12,10 +13,12 @@ never written to disk, and its sha256 is checked before any of its samples is us
 """
 
 import hashlib
+import http.client
 import os
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +37,7 @@ def is_remote(location) -> bool:
 def join(base, name: str) -> str:
     """The location of file `name` of the shard folder at `base`."""
     base = str(base)
-    if base.startswith("pipe:"):
+    if "{name}" in base and is_remote(base):
         return base.replace("{name}", name)
     if base.startswith(("http://", "https://")):
         return base.rstrip("/") + "/" + name
@@ -52,11 +55,19 @@ def describe(location) -> str:
 
 
 def check_base(base) -> None:
-    if str(base).startswith("pipe:") and "{name}" not in str(base):
+    base = str(base)
+    if not base.startswith("pipe:"):
+        return
+    if "{name}" not in base:
         raise UserError(
             f"--shards {base}: a pipe: command must name the file it prints as {{name}}, "
             "e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -'"
         )
+    try:
+        if not shlex.split(base[len("pipe:") :]):
+            raise ValueError("no command")
+    except ValueError as err:
+        raise UserError(f"--shards {base}: the command cannot be split into words ({err}); check its quotes") from None
 
 
 class TransferError(Exception):
@@ -74,14 +85,14 @@ class Fetched:
     tries: int
 
 
-def _env_number(name: str, default: float, cast=float):
+def _env_number(name: str, default: float, cast=float, minimum: float = 0):
     value = os.environ.get(name, str(default))
     try:
         number = cast(value)
     except ValueError:
         number = -1
-    if number < 0:
-        raise UserError(f"{name}={value!r}: give a number, 0 or more (default {default})")
+    if number < minimum:
+        raise UserError(f"{name}={value!r}: give a number, {minimum} or more (default {default})")
     return number
 
 
@@ -90,7 +101,8 @@ def retries() -> int:
 
 
 def timeout() -> float:
-    return _env_number("DISCO_SHARD_TIMEOUT", 60.0)
+    """Seconds without a byte from a server or a pipe: command before the try is given up."""
+    return _env_number("DISCO_SHARD_TIMEOUT", 60.0, minimum=0.001)
 
 
 def _read_http(url: str, digest) -> bytes:
@@ -100,20 +112,23 @@ def _read_http(url: str, digest) -> bytes:
         if err.code in (404, 410):
             raise NotFound(f"HTTP {err.code} {err.reason}") from None
         raise TransferError(f"HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise TransferError(str(getattr(err, "reason", err))) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, a bad status line
+        raise TransferError(str(getattr(err, "reason", err)) or err.__class__.__name__) from None
+    except ValueError as err:  # not a URL urllib can open (a bad port, an unknown scheme)
+        raise NotFound(f"not a URL that can be opened ({err})") from None
     with response:
         declared = response.headers.get("Content-Length")
+        declared = int(declared) if declared and declared.isdigit() else None
         parts = []
         try:
             # read(n) returns short data, not an error, when the server closes early: the length check below
             for block in iter(lambda: response.read(CHUNK), b""):
                 digest.update(block)
                 parts.append(block)
-        except (OSError, ValueError) as err:  # reset, timeout, IncompleteRead
-            raise TransferError(f"connection broken after {sum(map(len, parts))} bytes ({err})") from None
+        except (OSError, ValueError, http.client.HTTPException) as err:  # reset, timeout, a cut chunked response
+            raise TransferError(f"connection broken after {sum(map(len, parts))} bytes ({err!r})") from None
     data = b"".join(parts)
-    if declared is not None and len(data) != int(declared):
+    if declared is not None and len(data) != declared:
         raise TransferError(f"connection closed after {len(data)} of {declared} bytes")
     return data
 
@@ -125,23 +140,42 @@ def _read_pipe(command: str, digest) -> bytes:
             process = subprocess.Popen(words, stdout=subprocess.PIPE, stderr=stderr)
         except OSError as err:
             raise NotFound(f"cannot run {words[0] if words else 'an empty command'} ({err.strerror})") from None
-        parts = []
+        parts, alive, stalled = [], threading.Event(), []
+        threading.Thread(target=_kill_when_silent, args=(process, alive, stalled), daemon=True).start()
         for block in iter(lambda: process.stdout.read(CHUNK), b""):
+            alive.set()
             digest.update(block)
             parts.append(block)
         process.stdout.close()
-        if process.wait() != 0:
+        process.wait()
+        alive.set()  # the watchdog sees the process ended and returns
+        if stalled:
+            raise TransferError(f"`{command}` printed nothing for {timeout():g} s (DISCO_SHARD_TIMEOUT)")
+        if process.returncode != 0:
             stderr.seek(0)
             said = stderr.read().decode(errors="replace").strip().splitlines()
             raise TransferError(f"`{command}` exited with {process.returncode}" + (f": {said[-1]}" if said else ""))
     return b"".join(parts)
 
 
+def _kill_when_silent(process, alive: threading.Event, stalled: list) -> None:
+    """Kill `process` once it has printed nothing for `timeout()` seconds (a hung download), noting it in
+    `stalled`; `alive` is set by the reader at every block."""
+    seconds = timeout()
+    while process.poll() is None:
+        if not alive.wait(seconds):
+            if process.poll() is None:
+                stalled.append(seconds)
+                process.kill()
+            return
+        alive.clear()
+
+
 def _read_local(path: str, digest) -> bytes:
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFound("no such file") from None
+    except OSError as err:  # missing, not readable, a folder: no retry helps
+        raise NotFound(err.strerror or str(err)) from None
     digest.update(data)
     return data
 
@@ -161,7 +195,7 @@ def fetch(location: str, size: int | None = None, log=print, error=RankError) ->
                 data = _read_http(location, digest)
             else:
                 data = _read_local(location, digest)
-            if size is not None and len(data) < size:
+            if size is not None and len(data) < size and is_remote(location):  # a short local file is just bad
                 raise TransferError(f"got {len(data)} of {size} bytes")
             return Fetched(data, digest.hexdigest(), attempt)
         except NotFound as err:

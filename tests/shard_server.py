@@ -15,21 +15,27 @@ from pathlib import Path
 
 class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self):
-        name = self.path.rsplit("/", 1)[-1]
+        name = self.path.split("?")[0].rsplit("/", 1)[-1]
         with self.server.lock:
             self.server.gets[name] += 1
             cut = self.server.cut.get(name, 0) > 0
             if cut:
                 self.server.cut[name] -= 1
-        file = Path(self.directory) / self.path.lstrip("/")
+        file = Path(self.directory) / self.path.split("?")[0].lstrip("/")
         if not cut or not file.is_file():
             return super().do_GET()
         data = file.read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[: len(data) // 2])  # then the connection drops
+        half = data[: len(data) // 2]
+        if self.server.chunked:  # no length announced: only the chunk framing shows the cut
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + half)
+        else:
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(half)  # then the connection drops
         self.wfile.flush()
         self.close_connection = True
 
@@ -38,9 +44,10 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class ShardServer:
-    def __init__(self, folder, cut: dict | None = None):
+    def __init__(self, folder, cut: dict | None = None, chunked: bool = False):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
         self.server.gets, self.server.cut, self.server.lock = Counter(), dict(cut or {}), threading.Lock()
+        self.server.chunked = chunked
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -136,3 +136,28 @@ def test_the_seen_set_keeps_first_occurrences_in_eight_bytes_a_sentence():
     assert kept == [f"s{i}" for i in range(1000)]
     assert len(seen) == 1000 and seen.nbytes == 8000
     assert all(len(a) >= 2 * len(b) for a, b in zip(seen.runs, seen.runs[1:]))
+
+
+def test_folders_under_hidden_or_parent_paths_gz_parts_and_formats_not_read(tmp_path):
+    folder = tmp_path / ".cache" / "corpus"  # a dataset under ~/.cache or reached through ../ is still read
+    folder.mkdir(parents=True)
+    (folder / "part-0.gz").write_bytes(gzip.compress(b"alpha\nbeta\n"))
+    (folder / "part-1.json").write_text('{"text": "gamma"}\n')
+    (folder / ".hidden.txt").write_text("not read\n")
+    assert list(read_corpus(folder / ".." / "corpus")) == ["alpha", "beta", "gamma"]
+    table = tmp_path / "table.csv"
+    table.write_text("text\nalpha\n")
+    with pytest.raises(UserError, match=r"table.csv: this format is not read; convert it"):
+        list(read_corpus(table))
+
+
+def test_undecodable_jsonl_rows_are_counted_and_a_bad_row_past_the_limit_is_never_read(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "one"}\n{"text": "\\ud800 lone"}\n{"text": "\xff\xfe"}\n{"text": "two"}\n{"text": 5}\n')
+    stats = CorpusStats()
+    assert list(read_corpus(path, stats, limit=2)) == ["one", "two"]  # row 5 (not text) is past the limit
+    assert (stats.undecodable, stats.bad, stats.rows) == (2, 0, 4)
+    out = tmp_path / "shards"
+    with pytest.raises(UserError, match="row 5: field 'text' is int"):
+        make_shards(path, out, log=quiet)
+    assert not out.exists()  # a corpus that fails leaves no folder behind

@@ -2,6 +2,7 @@
 2 gloo ranks, the same batches as from the local folder, exact resume, a changed shard, a dead server."""
 
 import shutil
+import sys
 
 import pytest
 from conftest import assert_one_line, run, run_on_ranks
@@ -217,3 +218,34 @@ def test_the_loader_rate_script_measures_the_folder_and_the_served_folder(shards
     assert all(r["sentences"] == 2 * (150 // 8) * 8 for r in rows)  # 2 ranks, 150 sentences each, batch 8
     assert all(r["x_consumption"] == round(r["sentences_per_s"] / 10, 1) for r in rows)
     assert "sentences/s" in result.stdout and "CPU:" in result.stdout
+
+
+def test_a_cut_chunked_response_a_signed_url_and_a_silent_command(shards, monkeypatch, tmp_path):
+    local = [(k, t) for k, t, _ in iter_shard_samples(read_index(shards), with_keys=True)]
+    with ShardServer(shards.parent, cut={"shard-000003.tar": 1}, chunked=True) as server:
+        signed = read_index(f"{server.url}/shards/{{name}}?sig=abc%3D")  # {name} before the query
+        assert [(k, t) for k, t, _ in iter_shard_samples(signed, with_keys=True)] == local
+        assert server.gets["shard-000003.tar"] == 2  # the cut chunked response was read again
+    monkeypatch.setenv("DISCO_SHARD_TIMEOUT", "0.5")
+    monkeypatch.setenv("DISCO_SHARD_RETRIES", "0")
+    script = tmp_path / "hangs_on_shards.py"  # prints index.json, then hangs on every shard
+    script.write_text(
+        "import sys, time\n"
+        "if 'shard' in sys.argv[1]: time.sleep(30)\n"
+        f"sys.stdout.buffer.write(open('{shards}/' + sys.argv[1], 'rb').read())\n"
+    )
+    silent = f"pipe:{sys.executable} {script} {{name}}"
+    index = read_index(silent)
+    with pytest.raises(RankError, match=r"printed nothing for 0.5 s \(DISCO_SHARD_TIMEOUT\)"):
+        list(iter_shard_samples(index, numbers=[0]))
+    with pytest.raises(UserError, match="cannot be split into words"):
+        read_index("pipe:cat 'unclosed {name}")
+
+
+def test_a_bad_shard_met_by_a_worker_is_the_same_one_line(changed):
+    with ShardServer(changed.parent) as server:
+        index = read_index(f"{server.url}/shards")
+        loader = ShardBatches(index, 8, 0, 1, texts_only, seed=3, shuffle_buffer=40, num_workers=1)
+        with pytest.raises(RankError) as caught:
+            list(loader.batches(0))
+    assert "shard-000004.tar does not match index.json" in str(caught.value) and "\n" not in str(caught.value)

@@ -19,9 +19,21 @@ from ..files import sha256_of
 from .dedupe import SeenHashes
 
 TEXT, JSONL, PARQUET, DATASETS = "text", "jsonl", "parquet", "datasets"
-SUFFIXES = {".txt": TEXT, ".txt.gz": TEXT, ".jsonl": JSONL, ".jsonl.gz": JSONL, ".ndjson": JSONL, ".parquet": PARQUET}
+# the first suffix a name ends with decides (".jsonl.gz" before ".gz")
+SUFFIXES = {
+    ".jsonl": JSONL,
+    ".jsonl.gz": JSONL,
+    ".json": JSONL,
+    ".json.gz": JSONL,
+    ".ndjson": JSONL,
+    ".parquet": PARQUET,
+    ".txt": TEXT,
+    ".gz": TEXT,
+}
+NOT_READ = (".csv", ".tsv", ".arrow", ".feather", ".zip", ".bz2", ".xz", ".zst", ".tar")
 FORMATS_HELP = (
-    "text (.txt, .gz), JSONL (.jsonl, .jsonl.gz), Parquet, a datasets save_to_disk folder, or a folder of them"
+    "text (.txt, .gz), JSONL (.jsonl, .json, .ndjson, optionally .gz), Parquet, a datasets save_to_disk folder, "
+    "or a folder of them"
 )
 CHUNK = 8192  # rows looked up in the seen-set at once
 
@@ -56,6 +68,8 @@ def corpus_files(path) -> list:
     if not path.exists():
         raise UserError(f"corpus {path} does not exist; pass an existing file or folder: {FORMATS_HELP}")
     if path.is_file():
+        if not _format_of(path) and path.name.lower().endswith(NOT_READ):
+            raise UserError(f"{path}: this format is not read; convert it to one of: {FORMATS_HELP}")
         return [CorpusFile(path, _format_of(path) or TEXT)]  # a single file of another suffix is read as text
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -64,8 +78,7 @@ def corpus_files(path) -> list:
         )
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
         return [CorpusFile(path, DATASETS)]
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
-    files = [CorpusFile(p, _format_of(p)) for p in found if _format_of(p)]
+    files = [CorpusFile(p, _format_of(p)) for p in _visible_files(path) if _format_of(p)]
     if not files:
         raise UserError(f"corpus folder {path} holds no corpus file; it should hold {FORMATS_HELP}")
     return files
@@ -75,7 +88,16 @@ def ignored_files(path) -> list:
     path = Path(path)
     if not path.is_dir() or (path / "state.json").is_file():
         return []
-    return sorted(p for p in path.rglob("*") if p.is_file() and not _format_of(p) and not p.name.startswith("."))
+    return [p for p in _visible_files(path) if not _format_of(p)]
+
+
+def _visible_files(folder: Path) -> list:
+    """Files under `folder` in sorted order, leaving out hidden ones (a name below `folder` starting with '.')."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _format_of(path: Path) -> str | None:
@@ -115,20 +137,11 @@ def read_corpus(
     dropped, up to the last row used."""
     stats = stats if stats is not None else CorpusStats()
     seen = SeenHashes()
-    warned = False
     for chunk in _chunks(_rows(corpus_files(path), text_field), CHUNK):
-        verdicts = []  # per row: [the counter it goes to, or None to keep it; its text]
+        verdicts = []  # per row: [the counter it goes to, or None to keep it; its text, or what is wrong]
         for file, row, value in chunk:
             if isinstance(value, _BadRow):
-                where = f"{file}: row {row}"
-                if bad_rows != "skip":
-                    raise UserError(
-                        f"{where}: {value}; fix the corpus, or pass --bad-rows skip to drop such rows (counted)"
-                    )
-                if not warned:
-                    log(f"warning: {where}: {value}; dropping such rows (--bad-rows skip), counted as 'bad'")
-                    warned = True
-                verdicts.append(["bad", None])
+                verdicts.append(["bad", f"{file}: row {row}: {value}"])
             elif value is None:
                 verdicts.append(["undecodable", None])
             else:
@@ -145,6 +158,11 @@ def read_corpus(
         for counter, text in verdicts:
             if limit is not None and stats.kept >= limit:
                 return
+            if counter == "bad":  # here, in order: a bad row past the limit is never reached
+                if bad_rows != "skip":
+                    raise UserError(f"{text}; fix the corpus, or pass --bad-rows skip to drop such rows (counted)")
+                if not stats.bad:
+                    log(f"warning: {text}; dropping such rows (--bad-rows skip), counted as 'bad'")
             stats.rows += 1
             if counter is None:
                 stats.kept += 1
@@ -189,7 +207,12 @@ def _jsonl_rows(path: Path, text_field: str):
                 yield ""  # a blank line: counted as empty
                 continue
             try:
-                row = json.loads(raw)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield None  # as in a text file: counted as undecodable
+                continue
+            try:
+                row = json.loads(line)
             except ValueError as err:
                 yield _BadRow(f"not a JSON line ({err})")
                 continue
@@ -204,6 +227,10 @@ def _jsonl_rows(path: Path, text_field: str):
 
 def _checked(value, text_field: str):
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # a lone surrogate ("\\ud800" in JSON) is not text either: undecodable
+        except UnicodeEncodeError:
+            return None
         return value
     return _BadRow(f"field {text_field!r} is {'null' if value is None else type(value).__name__}, not text")
 
@@ -238,13 +265,20 @@ def _check_column(path, schema, text_field: str) -> None:
 
 
 def _dataset_rows(path: Path, text_field: str):
+    import pyarrow as pa
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(path))  # memory-mapped Arrow files: rows are read as they are used
+    try:
+        dataset = load_from_disk(str(path))  # memory-mapped Arrow files: rows are read as they are used
+    except (pa.ArrowException, ValueError, KeyError, FileNotFoundError) as err:
+        raise UserError(f"{path}: not a readable datasets folder ({err}); re-save it with save_to_disk") from None
     _check_column(path, dataset.features.arrow_schema, text_field)
-    for batch in dataset.select_columns([text_field]).iter(batch_size=CHUNK):
-        for value in batch[text_field]:
-            yield _checked(value, text_field)
+    try:
+        for batch in dataset.select_columns([text_field]).iter(batch_size=CHUNK):
+            for value in batch[text_field]:
+                yield _checked(value, text_field)
+    except pa.ArrowException as err:
+        raise OSError(str(err)) from None
 
 
 def _chunks(items, size: int):
