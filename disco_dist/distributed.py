@@ -82,7 +82,31 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
                 f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in "
                 "use by another process; set MASTER_PORT to a free port and rerun"
             ) from None
+        if env.world_size > 1:
+            describe_group(env)
     return env
+
+
+def describe_group(env: DistEnv) -> None:
+    """One line on rank 0: which host each rank runs on and where the rendezvous is (what a multi-node job's
+    log should show first: a rank on the wrong host, or a rendezvous on a loopback address, is a broken job)."""
+    hosts = all_gather_objects(socket.gethostname())
+    if env.rank != 0:
+        return
+    address = os.environ["MASTER_ADDR"]
+    try:
+        resolved = socket.gethostbyname(address)
+    except OSError:
+        resolved = "unresolved"
+    by_host = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+    placed = "; ".join(f"{host}: ranks {','.join(map(str, ranks))}" for host, ranks in by_host.items())
+    print(
+        f"process group: {env.world_size} ranks on {len(by_host)} host(s) ({placed}); rendezvous {address} "
+        f"({resolved}) port {os.environ['MASTER_PORT']}",
+        flush=True,
+    )
 
 
 def _default_master_port(world_size: int) -> int:

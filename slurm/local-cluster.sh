@@ -5,9 +5,17 @@
 # one folder, $DISCO_SLURM_HOME (default: .cache/slurm in the repository).
 #
 #   slurm/local-cluster.sh start     # idempotent; prints the SLURM_CONF line to export
+#   slurm/local-cluster.sh start --nodes 2   # also 2 "nodes" disco-n1, disco-n2 (partition multi), see below
 #   slurm/local-cluster.sh status
-#   slurm/local-cluster.sh stop      # ends only the daemons it started, by their pid files
+#   slurm/local-cluster.sh stop      # ends only the daemons it started, by their pid files; removes the network
 #   slurm/local-cluster.sh install   # apt-get the packages (root)
+#
+# With --nodes N, each extra node is a slurmd in its own network namespace (disco-nI, address 10.77.0.1I on
+# the bridge disco-br0, whose root-side address 10.77.0.1 is the controller's), its own UTS namespace (hostname
+# disco-nI) and its own mount namespace, where a hosts file naming every node is bind-mounted over /etc/hosts
+# (the machine's own /etc/hosts is not touched). The filesystem is shared, as a cluster's is. The machine itself
+# stays a node too (partition debug, the default); the namespace nodes form partition multi, 1 CPU each.
+# Test timers in this mode: SlurmctldTimeout=10 SlurmdTimeout=10 MessageTimeout=5 KillWait=2.
 #
 # Then: export SLURM_CONF=$DISCO_SLURM_HOME/etc/slurm.conf; sbatch slurm/ckd.sbatch
 set -euo pipefail
@@ -18,10 +26,15 @@ MUNGE_SOCKET=$RUN/munge.socket
 DB_PORT=${DISCO_SLURM_DB_PORT:-3307}
 CTLD_PORT=${DISCO_SLURMCTLD_PORT:-6817} SLURMD_PORT=${DISCO_SLURMD_PORT:-6818} DBD_PORT=${DISCO_SLURMDBD_PORT:-6819}
 CLUSTER=disco
+NET=10.77.0 BRIDGE=disco-br0
+NODES=""  # extra namespace nodes: from --nodes, else what the running cluster was started with, else 0
 export SLURM_CONF=$ETC/slurm.conf
 PACKAGES="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
+
+node_names() { local i; for i in $(seq 1 "$NODES"); do echo "disco-n$i"; done; }
+slurmds() { echo "slurmd-$(hostname)"; for n in $(node_names); do echo "slurmd-$n"; done; }
 
 alive() {  # alive NAME: the daemon whose pid file we wrote is running
   local pidfile=$RUN/$1.pid
@@ -46,16 +59,17 @@ install_packages() {
 }
 
 write_config() {
-  local host cpus memory
+  local host cpus memory ctld_addr=127.0.0.1 timeout=30 message_timeout=10 kill_wait=10
+  if [ "$NODES" -gt 0 ]; then ctld_addr=$NET.1 timeout=10 message_timeout=5 kill_wait=2; fi
   host=$(hostname)
   cpus=$(nproc)
   memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-  mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/d" "$DB"
+  mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$DB"
   chmod 700 "$RUN"
   cat > "$ETC/slurm.conf" <<EOF
 # written by slurm/local-cluster.sh for this host
 ClusterName=$CLUSTER
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -64,11 +78,11 @@ AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d-%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -83,16 +97,25 @@ AccountingStoragePass=$MUNGE_SOCKET
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmctldTimeout=$timeout
+SlurmdTimeout=$timeout
+MessageTimeout=$message_timeout
 InactiveLimit=0
 MinJobAge=300
-KillWait=10
+KillWait=$kill_wait
 # jobs may be requeued (Submitit's preemption/timeout path); a requeued job starts again soon
 JobRequeue=1
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+  local i
+  for i in $(seq 1 "$NODES"); do
+    echo "NodeName=disco-n$i NodeAddr=$NET.1$i CPUs=1 RealMemory=$((memory / 2)) State=UNKNOWN" >> "$ETC/slurm.conf"
+  done
+  if [ "$NODES" -gt 0 ]; then
+    echo "PartitionName=multi Nodes=disco-n[1-$NODES] Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO" \
+      >> "$ETC/slurm.conf"
+  fi
   cat > "$ETC/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
@@ -148,21 +171,59 @@ start_slurm() {
     slurmctld
     wait_for 60 slurmctld scontrol ping
   fi
-  if ! alive slurmd; then
-    slurmd
-  fi
-  wait_for 60 "the node" sh -c "sinfo -h -o %T | grep -qE '^(idle|mixed|allocated)'"
+  alive "slurmd-$(hostname)" || slurmd
+  local name
+  for name in $(node_names); do
+    # nsenter, not `ip netns exec` (which remounts /sys: slurmd then finds no cgroup tree and refuses to start)
+    alive "slurmd-$name" || nsenter --net="/run/netns/$name" unshare --uts --mount sh -c \
+      "mount --bind '$ETC/hosts' /etc/hosts && hostname $name && exec slurmd -N $name"
+  done
+  local want=$((NODES + 1))
+  wait_for 90 "the nodes" sh -c "[ \$(sinfo -h -N -o %T | grep -cE '^(idle|mixed|allocated)') -ge $want ]"
+}
+
+start_network() {  # the bridge, one namespace and veth pair per node, and the hosts file every node sees
+  [ "$NODES" -gt 0 ] || return 0
+  command -v ip >/dev/null && command -v nsenter >/dev/null || die "--nodes needs ip (iproute2) and nsenter"
+  ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+  ip addr show dev "$BRIDGE" | grep -q "inet $NET.1/" || ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  printf '127.0.0.1 localhost\n%s.1 %s disco-ctl\n' "$NET" "$(hostname)" > "$ETC/hosts"
+  local i name
+  for i in $(seq 1 "$NODES"); do
+    name=disco-n$i
+    [ -e "/run/netns/$name" ] || ip netns add "$name"
+    if ! ip link show "disco-v$i" >/dev/null 2>&1; then
+      ip link add "disco-v$i" type veth peer name eth0 netns "$name"
+      ip link set "disco-v$i" master "$BRIDGE" up
+      ip -n "$name" addr add "$NET.1$i/24" dev eth0
+      ip -n "$name" link set eth0 up
+      ip -n "$name" link set lo up
+    fi
+    echo "$NET.1$i $name" >> "$ETC/hosts"
+  done
+  echo "$NODES" > "$RUN/nodes"
+}
+
+stop_network() {
+  local i
+  for i in $(seq 1 "$NODES"); do
+    ip link del "disco-v$i" 2>/dev/null || true
+    [ -e "/run/netns/disco-n$i" ] && ip netns del "disco-n$i"
+  done
+  ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
+  rm -f "$RUN/nodes"
 }
 
 status() {
-  for d in munged mariadbd slurmdbd slurmctld slurmd; do
+  for d in munged mariadbd slurmdbd slurmctld $(slurmds); do
     if alive "$d"; then echo "$d: running (pid $(cat "$RUN/$d.pid"))"; else echo "$d: stopped"; fi
   done
   if alive slurmctld; then sinfo; fi
 }
 
 stop() {
-  for d in slurmd slurmctld slurmdbd mariadbd munged; do
+  for d in $(slurmds) slurmctld slurmdbd mariadbd munged; do
     if alive "$d"; then
       pid=$(cat "$RUN/$d.pid")
       kill "$pid"
@@ -171,13 +232,29 @@ stop() {
     fi
     rm -f "$RUN/$d.pid"
   done
+  stop_network
 }
 
-case "${1:-}" in
+command=${1:-}
+shift || true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES=${2:-}; shift 2 || die "--nodes needs a number" ;;
+    *) die "unknown argument $1 (usage: $0 start [--nodes N]|stop|status|install)" ;;
+  esac
+done
+[ -n "$NODES" ] || NODES=$(cat "$RUN/nodes" 2>/dev/null || echo 0)
+case "$NODES" in ''|*[!0-9]*) die "--nodes takes a number of nodes, got '$NODES'" ;; esac
+
+case "$command" in
   install) install_packages ;;
   start)
     install_packages
+    if alive slurmctld && [ "$(cat "$RUN/nodes" 2>/dev/null || echo 0)" != "$NODES" ]; then
+      die "the cluster runs with $(cat "$RUN/nodes" 2>/dev/null || echo 0) extra nodes; stop it first to start it with $NODES"
+    fi
     write_config
+    start_network
     start_munge
     start_mariadb
     start_slurm
@@ -185,10 +262,10 @@ case "${1:-}" in
     if [ -w /etc/slurm ] && { [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; }; then
       ln -sfn "$SLURM_CONF" /etc/slurm/slurm.conf
     fi
-    echo "local SLURM cluster '$CLUSTER' is up on $(hostname) ($(nproc) CPUs); state and logs in $HOME_DIR"
+    echo "local SLURM cluster '$CLUSTER' is up on $(hostname) ($(nproc) CPUs)$([ "$NODES" -gt 0 ] && echo " and $NODES namespace nodes, partition multi"); state and logs in $HOME_DIR"
     echo "export SLURM_CONF=$SLURM_CONF"
     ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status|install" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N]|stop|status|install" >&2; exit 2 ;;
 esac

@@ -23,7 +23,9 @@ CLUSTER = REPO / "slurm" / "local-cluster.sh"
 def slurm_env():
     if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
         pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
-    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
+    )
     assert started.returncode == 0, started.stderr
     conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
     return {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}

@@ -1,0 +1,144 @@
+"""Across two SLURM nodes: the local cluster's namespace nodes (slurm/local-cluster.sh start --nodes 2: each node its
+own network stack, hostname and address on a bridge), one rank per node, against the same job on one node."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, build_tiny_run_inputs, scalars
+
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert started.returncode == 0, started.stderr
+    conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
+    env = {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N %T"], capture_output=True, text=True, env=env)
+    assert nodes.stdout.split() == ["disco-n1", "idle", "disco-n2", "idle"], nodes.stdout + nodes.stderr
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    sentences = [f"the {i} dog plays in the park with {i % 7} children" for i in range(400)]
+    return build_tiny_run_inputs(tmp_path_factory.mktemp("multinode"), sentences, shard_size=50)
+
+
+def sbatch(script, placement, env, log, *args):
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--wait", *placement, "--output", str(log), str(REPO / "slurm" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    text = log.read_text() if log.exists() else ""
+    assert result.returncode == 0, text[-3000:] + result.stderr
+    return text
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+PLACEMENTS = {
+    "two-nodes": ["--partition", "multi", "--nodes=2", "--ntasks-per-node=1"],
+    "one-node": ["--nodes=1", "--ntasks-per-node=2"],
+}
+GROUP = re.compile(r"process group: 2 ranks on (\d) host\(s\) \((.*)\); rendezvous (\S+) \((\S+)\)")
+
+
+def assert_across_nodes(log: str) -> None:
+    """The job's ranks ran one on each node, and met at the first node's bridge address, not a loopback one."""
+    group = GROUP.search(log)
+    assert group and group[1] == "2" and group[2] == "disco-n1: ranks 0; disco-n2: ranks 1", group and group[0]
+    assert group[3] == "disco-n1" and group[4] == "10.77.0.11", group[0]
+
+
+def assert_same_training(across, alone, loss) -> None:
+    assert scalars(across)[loss] == pytest.approx(scalars(alone)[loss], abs=1e-6)
+    a, b = final_weights(across), final_weights(alone)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+@pytest.mark.slow
+def test_each_stage_with_one_rank_on_each_of_two_nodes_equals_two_ranks_on_one(cluster, tiny, tmp_path):
+    """ckd.sbatch, finetune.sbatch and cache_teacher.sbatch (the ZeRO-3 teacher partitioned over the two nodes),
+    each run with one rank per node and with both ranks on one node: the same losses, weights and cache bytes."""
+    from disco_dist.shards import iter_shard_samples, read_index
+
+    root, student, teacher, _ = tiny
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    env["KEEP_LAYERS"] = ""
+    distill = ["--max-steps", "8", "--batch-size", "8", "--queue-size", "64", "--log-every", "2"]
+    finetune = ["--max-steps", "4", "--batch-size", "4", "--max-triplets", "64", "--eval-every", "2"]
+    for name, placement in PLACEMENTS.items():
+        run = tmp_path / name
+        log = sbatch(
+            "ckd.sbatch",
+            placement,
+            {**env, "RUN_DIR": str(run)},
+            run.with_suffix(".ckd.log"),
+            *distill,
+            "--head-init",
+            "random",
+        )
+        assert "finished: 8 steps" in log, log[-3000:]
+        if name == "two-nodes":
+            assert_across_nodes(log)
+        stage2 = {**env, "STUDENT": str(run / "ckd" / "final"), "RUN_DIR": str(run / "ft")}
+        log = sbatch("finetune.sbatch", placement, stage2, run.with_suffix(".ft.log"), *finetune, "--log-every", "2")
+        assert "finished: 4 steps" in log, log[-3000:]
+        cache = {**env, "OUT": str(run / "cached")}
+        log = sbatch(
+            "cache_teacher.sbatch", placement, cache, run.with_suffix(".cache.log"), "--teacher-batch-size", "16"
+        )
+        assert "wrote 400 sentences with teacher embeddings" in log, log[-3000:]
+        if name == "two-nodes":
+            assert_across_nodes(log)
+    across, alone = tmp_path / "two-nodes", tmp_path / "one-node"
+    assert_same_training(across / "ckd", alone / "ckd", "loss/ckd")
+    assert_same_training(across / "ft", alone / "ft", "loss/sup_contrastive")
+    cached = [list(iter_shard_samples(read_index(run / "cached"), with_keys=True)) for run in (across, alone)]
+    assert [(k, t, e.tobytes()) for k, t, e in cached[0]] == [(k, t, e.tobytes()) for k, t, e in cached[1]]
+
+
+@pytest.mark.slow
+def test_the_submitit_pipeline_runs_across_both_nodes(cluster, tiny, tmp_path):
+    """`submit.py --nodes 2 --tasks-per-node 1 --partition multi`: shards -> teacher cache -> distill -> fine-tune ->
+    evaluate, the training jobs with a rank on each node, every job COMPLETED in sacct."""
+    from test_slurm import sacct_state, submit, tiny_pipeline_args
+
+    root, student, teacher, corpus = tiny
+    run_dir = tmp_path / "pipeline"
+    args = [*tiny_pipeline_args(root, student, teacher, corpus, run_dir), "--nodes", 2, "--tasks-per-node", 1]
+    result = submit([*args, "--partition", "multi"], cluster)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = {line.split()[1]: line.split()[-1] for line in result.stdout.splitlines() if line.startswith("submitted")}
+    assert list(jobs) == ["shards", "cache", "distill", "finetune", "evaluate"]
+    assert [sacct_state(j, cluster) for j in jobs.values()] == ["COMPLETED"] * 5
+    for stage in ("cache", "distill", "finetune"):
+        nodes = subprocess.run(
+            ["sacct", "-j", jobs[stage], "-X", "-n", "-P", "-o", "NodeList"],
+            capture_output=True,
+            text=True,
+            env=cluster,
+        ).stdout.strip()
+        assert nodes == "disco-n[1-2]", (stage, nodes)
+    logs = "".join(p.read_text() for p in sorted(run_dir.glob("submitit/*/*.out")))
+    assert logs.count("process group: 2 ranks on 2 host(s) (disco-n1: ranks 0; disco-n2: ranks 1)") >= 3, logs[-3000:]
+    assert "avg" in json.loads((run_dir / "eval_sts.json").read_text())["scores"]
