@@ -15,7 +15,8 @@
 # disco-nI) and its own mount namespace, where a hosts file naming every node is bind-mounted over /etc/hosts
 # (the machine's own /etc/hosts is not touched). The filesystem is shared, as a cluster's is. The machine itself
 # stays a node too (partition debug, the default); the namespace nodes form partition multi, 1 CPU each.
-# Test timers in this mode: SlurmctldTimeout=10 SlurmdTimeout=10 MessageTimeout=5 KillWait=2.
+# Test timers in this mode: SlurmctldTimeout=10 SlurmdTimeout=10 MessageTimeout=5 KillWait=2, and
+# AuthInfo cred_expire=10 (a requeued job becomes eligible after it: 10 s instead of 120).
 #
 # Then: export SLURM_CONF=$DISCO_SLURM_HOME/etc/slurm.conf; sbatch slurm/ckd.sbatch
 set -euo pipefail
@@ -59,8 +60,10 @@ install_packages() {
 }
 
 write_config() {
-  local host cpus memory ctld_addr=127.0.0.1 timeout=30 message_timeout=10 kill_wait=10
-  if [ "$NODES" -gt 0 ]; then ctld_addr=$NET.1 timeout=10 message_timeout=5 kill_wait=2; fi
+  local host cpus memory ctld_addr=127.0.0.1 timeout=30 message_timeout=10 kill_wait=10 cred_expire=""
+  if [ "$NODES" -gt 0 ]; then  # test timers; cred_expire is also how long a requeued job waits (default 120 s)
+    ctld_addr=$NET.1 timeout=10 message_timeout=5 kill_wait=2 cred_expire=,cred_expire=10
+  fi
   host=$(hostname)
   cpus=$(nproc)
   memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
@@ -75,7 +78,7 @@ SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET$cred_expire
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d-%n

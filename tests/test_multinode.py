@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, build_tiny_run_inputs, scalars
@@ -142,3 +143,61 @@ def test_the_submitit_pipeline_runs_across_both_nodes(cluster, tiny, tmp_path):
     logs = "".join(p.read_text() for p in sorted(run_dir.glob("submitit/*/*.out")))
     assert logs.count("process group: 2 ranks on 2 host(s) (disco-n1: ranks 0; disco-n2: ranks 1)") >= 3, logs[-3000:]
     assert "avg" in json.loads((run_dir / "eval_sts.json").read_text())["scores"]
+
+
+@pytest.mark.slow
+def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_uninterrupted(cluster, tiny, tmp_path):
+    """Pre-emption on real SLURM, across both nodes: `scancel --signal=USR2` (what `--signal=USR2@T` sends before the
+    time limit) -> the ranks checkpoint at a step boundary, rank 0 runs `scontrol requeue`, the job comes back under
+    the same id (sacct: REQUEUED, then COMPLETED), resumes and ends with the uninterrupted run's weights; the sample
+    logs show every batch trained exactly once."""
+    from disco_dist.metrics import read_sample_logs
+
+    root, student, teacher, _ = tiny
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    env["KEEP_LAYERS"] = ""
+    args = ["--epochs", "3", "--batch-size", "8", "--queue-size", "64", "--log-every", "2", "--head-init", "random"]
+    args += ["--checkpoint-every", "0", "--sample-log"]
+    placement = PLACEMENTS["two-nodes"]
+    reference = tmp_path / "uninterrupted"
+    sbatch("ckd.sbatch", placement, {**env, "RUN_DIR": str(reference)}, tmp_path / "reference.log", *args)
+
+    run = tmp_path / "requeued"
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            *placement,
+            "--output",
+            str(tmp_path / "requeued.log"),
+            str(REPO / "slurm" / "ckd.sbatch"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "RUN_DIR": str(run)},
+        cwd=REPO,
+        timeout=60,
+    )
+    job = submitted.stdout.strip().split(";")[0]
+    assert submitted.returncode == 0 and job, submitted.stderr
+    log = run / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 6/" in log.read_text()):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "the job never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=cluster).stdout.strip():
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    text = log.read_text()
+    stopped = re.search(r"stopped at step (\d+) on a pre-emption signal", text)
+    assert stopped and f"requeued SLURM job {job}" in text, text[-3000:]
+    assert f"resumed from {run / 'ckd' / 'checkpoints'}/step-{int(stopped[1]):08d} at step {stopped[1]}" in text
+    states = subprocess.run(
+        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, env=cluster
+    ).stdout.split()
+    assert states == ["REQUEUED", "COMPLETED"], states
+    a, b = final_weights(run / "ckd"), final_weights(reference / "ckd")
+    assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+    assert read_sample_logs(run / "ckd") == read_sample_logs(reference / "ckd")
