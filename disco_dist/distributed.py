@@ -87,10 +87,14 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
     return env
 
 
+HOSTS: list = []  # the host of each rank, once the group is up (for naming a lost rank)
+
+
 def describe_group(env: DistEnv) -> None:
     """One line on rank 0: which host each rank runs on and where the rendezvous is (what a multi-node job's
     log should show first: a rank on the wrong host, or a rendezvous on a loopback address, is a broken job)."""
     hosts = all_gather_objects(socket.gethostname())
+    HOSTS[:] = hosts
     if env.rank != 0:
         return
     address = os.environ["MASTER_ADDR"]

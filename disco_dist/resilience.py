@@ -4,13 +4,19 @@ folder, and the faults the reliability tests inject (docs/reliability.md lists e
 - Pre-emption: SIGUSR2 (SLURM's `--signal=USR2@T`, Submitit's time-out signal) sets a flag; the ranks agree at
   a step boundary, all checkpoint that step, then the job is requeued (`requeue_after`).
 - NaN/inf: every rank skips a step whose loss is not finite on any rank (`finite_on_every_rank`).
-- A lost peer: a collective that fails because another rank died becomes one line (`lost_peer_error`).
+- A lost peer: a collective that fails because another rank died becomes one line (`lost_peer_error`); a peer
+  that went silent (its node's network down, the node frozen) is noticed by heartbeats (`PeerWatch`) within
+  `DISCO_PEER_TIMEOUT` seconds (default 20), not by the collective's own 600 s time-out.
 """
 
+import datetime
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,10 +102,106 @@ def lost_peer_error(err: RuntimeError, run_dir) -> RankError | None:
         return None
     latest = latest_checkpoint(run_dir)
     reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])[:120]  # without gloo's source location
+    peer = _peer_named_in(str(err))
     return RankError(
-        f"lost contact with another rank ({reason}): it died or was killed, see its log; the last "
+        f"lost contact with another rank{f', {peer},' if peer else ''} ({reason}): it died or was killed, see its "
+        f"log; the last "
         f"complete checkpoint is {latest or 'none yet'}; rerun with --resume auto"
     )
+
+
+def _peer_named_in(text: str) -> str | None:
+    """'rank R on HOST' (or 'a rank on HOST') for the address in a gloo error ("... peer [10.77.0.12]:PORT"), where
+    the ranks' hosts are known (distributed.describe_group) and the address is one of theirs."""
+    found = re.search(r"\[([0-9.]+)\]:\d+", text)
+    if not found:
+        return None
+    ranks = []
+    for rank, host in enumerate(distributed.HOSTS):
+        try:
+            if rank != distributed.rank() and socket.gethostbyname(host) == found[1]:
+                ranks.append(rank)
+        except OSError:
+            continue
+    if not ranks:
+        return None
+    host = distributed.HOSTS[ranks[0]]
+    return f"rank {ranks[0]} on {host}" if len(ranks) == 1 else f"a rank on {host}"
+
+
+class PeerWatch:
+    """Heartbeats through the rendezvous store, so that a rank whose node went silent (network down, frozen) ends
+    the run within `patience` seconds with one line naming it, instead of at the collective's time-out.
+
+    Every `interval` s each rank bumps its counter in the store and reads the others'; a rank whose counter has not
+    moved for `patience` s is lost (and a rank that cannot reach the store, rank 0's, has lost rank 0). A rank that
+    finished marks itself done first. The beating runs in one thread and the judging in another, so that a store
+    call stuck on a dead link cannot hide the loss. Nothing happens with one rank."""
+
+    def __init__(self, env, run_dir: Path, interval: float = 2.0, patience: float | None = None):
+        self.rank, self.world, self.run_dir, self.interval = env.rank, env.world_size, Path(run_dir), interval
+        self.patience = patience or float(os.environ.get("DISCO_PEER_TIMEOUT", "20"))
+        self.last_ok = time.monotonic()
+        self.seen = {r: (0, time.monotonic()) for r in range(self.world) if r != self.rank}
+        self.lost = None
+        self.stopped = threading.Event()
+        self.store = None
+        if self.world > 1:
+            self.store = torch.distributed.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=self.patience),
+                wait_for_workers=False,
+            )
+            threading.Thread(target=self._beat, daemon=True).start()
+            threading.Thread(target=self._judge, daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.store.add(f"disco/beat/{self.rank}", 1)
+                now = time.monotonic()
+                for r, (count, _since) in self.seen.items():
+                    if self.store.add(f"disco/done/{r}", 0):
+                        self.seen[r] = (count, now + 1e9)  # finished: never lost
+                        continue
+                    latest = self.store.add(f"disco/beat/{r}", 0)
+                    if latest != count:
+                        self.seen[r] = (latest, now)
+                self.last_ok = now
+            except Exception:  # the store (rank 0's process) does not answer: the judge will see it
+                pass
+
+    def _judge(self) -> None:
+        while not self.stopped.wait(self.interval):
+            now = time.monotonic()
+            silent = [r for r, (_, since) in self.seen.items() if now - since > self.patience]
+            if now - self.last_ok > self.patience:
+                silent = silent or [0]  # no answer from the store, which rank 0 holds
+            if silent and not self.stopped.is_set():
+                self._give_up(silent[0], now - (self.last_ok if silent == [0] else self.seen[silent[0]][1]))
+
+    def _give_up(self, rank: int, seconds: float) -> None:
+        host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
+        latest = latest_checkpoint(self.run_dir)
+        print(
+            f"error: rank {self.rank}: lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, "
+            f"froze or lost its network); the last complete checkpoint is {latest or 'none yet'}; rerun with "
+            "--resume auto once the node is back",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
+
+    def stop(self) -> None:
+        """This rank is done (finished or leaving on purpose): the others stop watching it."""
+        if self.store is not None and not self.stopped.is_set():
+            self.stopped.set()
+            try:
+                self.store.add(f"disco/done/{self.rank}", 1)
+            except Exception:
+                pass
 
 
 def check_writable(run_dir: Path) -> None:

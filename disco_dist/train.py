@@ -23,7 +23,7 @@ from .evaluate import stsb_dev_spearman
 from .files import write_json_atomic
 from .metrics import Metrics, SampleLog, Stopwatch
 from .optim import build_optimizer
-from .resilience import InjectedFaults, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
+from .resilience import InjectedFaults, PeerWatch, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
 
 
 @dataclass
@@ -77,6 +77,7 @@ def train(args, stage_class) -> Path:
     run_dir = Path(args.run_dir)
     check_writable(run_dir)
     env = distributed.init_distributed(args.local_rank)
+    watch = PeerWatch(env, run_dir)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     stage = stage_class(args, env)  # builds the student first, then any ZeRO-3 teacher
@@ -178,6 +179,7 @@ def train(args, stage_class) -> Path:
             if preemption.agreed():
                 saved = checkpoint_now()
                 metrics.close()
+                watch.stop()
                 raise Preempted(state.step, saved, preemption.previous_handler)
 
     checkpoint_now()
@@ -203,6 +205,7 @@ def train(args, stage_class) -> Path:
     metrics.close()
     if sample_log:
         sample_log.close()
+    watch.stop()
     distributed.shutdown()
     return final
 

@@ -201,3 +201,97 @@ def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_
     a, b = final_weights(run / "ckd"), final_weights(reference / "ckd")
     assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
     assert read_sample_logs(run / "ckd") == read_sample_logs(reference / "ckd")
+
+
+LOSS_ARGS = ["--epochs", "2", "--batch-size", "8", "--queue-size", "64", "--log-every", "2", "--head-init", "random"]
+LOSS_ARGS += ["--checkpoint-every", "4", "--sample-log"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny, tmp_path_factory):
+    root, student, teacher, _ = tiny
+    run = tmp_path_factory.mktemp("uninterrupted")
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    sbatch(
+        "ckd.sbatch",
+        PLACEMENTS["two-nodes"],
+        {**env, "KEEP_LAYERS": "", "RUN_DIR": str(run)},
+        run / "job.log",
+        *LOSS_ARGS,
+    )
+    return run / "ckd"
+
+
+def node_pids(node: str) -> list:
+    return subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+
+
+def job_state(job, env) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env
+    ).stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["crashed", "silent"])
+def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_if_uninterrupted(
+    how, cluster, tiny, uninterrupted, tmp_path
+):
+    """Node disco-n2 lost mid-run, the two ways a node is lost: crashed (every process of the node killed) or
+    silent (its link taken down: nothing answers). The running job ends within 60 s with one line naming the lost
+    rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue); once the node is
+    back, the same job resumes there and ends with the uninterrupted run's weights (1e-5), every batch trained
+    exactly once (sample logs)."""
+    from disco_dist.metrics import read_sample_logs
+
+    root, student, teacher, _ = tiny
+    run = tmp_path / "run"
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    # heartbeats give up after 8 s here: the test cluster's SlurmdTimeout is 10 s (a real one's default is 300 s,
+    # against DISCO_PEER_TIMEOUT's default of 20 s)
+    env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
+    cmd = ["sbatch", "--parsable", *PLACEMENTS["two-nodes"], "--output", str(tmp_path / "job.log")]
+    job = (
+        subprocess.run(
+            [*cmd, str(REPO / "slurm" / "ckd.sbatch"), *LOSS_ARGS], capture_output=True, text=True, env=env, cwd=REPO
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
+    log = run / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 12/" in log.read_text()):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "the job never started"
+        time.sleep(0.2)
+    lost_at = time.time()
+    try:
+        if how == "crashed":
+            subprocess.run(["kill", "-9", *node_pids("disco-n2")], check=True)
+        else:
+            subprocess.run(["ip", "link", "set", "disco-v2", "down"], check=True)
+        while job_state(job, cluster) == "RUNNING":
+            assert time.time() - lost_at < 120, log.read_text()[-3000:]
+            time.sleep(0.5)
+        ended_after = time.time() - lost_at
+        lost = log.read_text()
+    finally:  # the node comes back: its link, its slurmd, its state
+        subprocess.run(["ip", "link", "set", "disco-v2", "up"], check=True)
+        subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, timeout=120)
+        subprocess.run(["scontrol", "update", "nodename=disco-n2", "state=resume"], env=cluster, capture_output=True)
+    print(f"{how}: the run ended {ended_after:.1f} s after the node was lost")
+    assert ended_after < 60, lost[-3000:]
+    lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
+    assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
+    assert f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-" in lines[0], lines[0]
+    while job_state(job, cluster):  # requeued by SLURM; it runs again once disco-n2 is back
+        assert time.time() - lost_at < 300, log.read_text()[-3000:]
+        time.sleep(1)
+    states = subprocess.run(
+        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, env=cluster
+    ).stdout.split()
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states
+    text = log.read_text()
+    assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
+    a, b = final_weights(run / "ckd"), final_weights(uninterrupted)
+    assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+    assert read_sample_logs(run / "ckd") == read_sample_logs(uninterrupted)
