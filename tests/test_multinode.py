@@ -187,16 +187,14 @@ def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_
         assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "the job never started"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=cluster).stdout.strip():
+    while job_state(job, cluster):
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(1)
     text = log.read_text()
     stopped = re.search(r"stopped at step (\d+) on a pre-emption signal", text)
     assert stopped and f"requeued SLURM job {job}" in text, text[-3000:]
     assert f"resumed from {run / 'ckd' / 'checkpoints'}/step-{int(stopped[1]):08d} at step {stopped[1]}" in text
-    states = subprocess.run(
-        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, env=cluster
-    ).stdout.split()
+    states = job_history(job, cluster, within=60)
     assert states == ["REQUEUED", "COMPLETED"], states
     a, b = final_weights(run / "ckd"), final_weights(reference / "ckd")
     assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
@@ -227,9 +225,26 @@ def node_pids(node: str) -> list:
 
 
 def job_state(job, env) -> str:
-    return subprocess.run(
-        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env
-    ).stdout.strip()
+    """The job's state in squeue, "" once it has left the queue (retried while the controller is busy)."""
+    for _ in range(20):
+        result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env)
+        if result.returncode == 0:
+            return result.stdout.strip()
+        time.sleep(0.5)
+    raise AssertionError(f"squeue failed: {result.stderr}")
+
+
+def job_history(job, env, within: float) -> list:
+    """sacct's states of every run of the job (-D), once the last one has ended (accounting lags the queue)."""
+    deadline = time.time() + within
+    while True:
+        states = subprocess.run(
+            ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, env=env
+        ).stdout.split()
+        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"):
+            return states
+        assert time.time() < deadline, states
+        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -283,12 +298,10 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
     assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
     assert f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-" in lines[0], lines[0]
-    while job_state(job, cluster):  # requeued by SLURM; it runs again once disco-n2 is back
+    while job_state(job, cluster):  # requeued by SLURM (pending); it runs again once disco-n2 is back
         assert time.time() - lost_at < 300, log.read_text()[-3000:]
         time.sleep(1)
-    states = subprocess.run(
-        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, env=cluster
-    ).stdout.split()
+    states = job_history(job, cluster, within=60)
     assert states[-1] == "COMPLETED" and len(states) >= 2, states
     text = log.read_text()
     assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
