@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import UserError
+from .iters import chunks
 from .shards import ShardIndex, iter_shard_samples
 
 
@@ -70,7 +71,7 @@ class ShardBatches:
         group = self.batch_size * self.length_bucket
         produced, limit = 0, self.batches_per_epoch(epoch)
         samples = iter_shard_samples(self.index, self.shards_of(epoch, self.rank), with_keys=True)
-        for chunk in _chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
+        for chunk in chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
             if self.length_bucket > 1:
                 chunk.sort(key=lambda sample: len(sample[1]))
             batches = [
@@ -143,17 +144,6 @@ def _shuffled(samples, buffer_size: int, rng: random.Random):
         yield sample
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _chunks(items, size: int):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class TripletBatches:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .data.corpus import CorpusStats, corpus_files, ignored_files, read_corpus, source_sha256
 from .errors import UserError
+from .iters import chunks
 from .progress import Progress
 from .shards import INDEX, ShardFolderWriter, ShardIndex
 
@@ -120,8 +121,7 @@ def _shuffled(kept: Path, count: int, seed: int, shuffle_rows: int, tmp: Path):
     rng = np.random.default_rng(seed)
     files = [open(tmp / f"bucket-{b:05d}", "wb") for b in range(buckets)]
     try:
-        records = _records(kept)
-        while chunk := [s for _, s in zip(range(65536), records)]:
+        for chunk in chunks(_records(kept), 65536):
             for sentence, bucket in zip(chunk, rng.integers(buckets, size=len(chunk))):
                 _put(files[bucket], sentence)
     finally:

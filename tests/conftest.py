@@ -2,6 +2,7 @@
 launcher and checking its one-line error, running a function on 2 gloo ranks, reading TensorBoard scalars."""
 
 import os
+import shutil
 import string
 import subprocess
 import sys
@@ -183,3 +184,17 @@ def run_on_ranks(fn, world_size, tmp_path, *args):
 
     mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def start_cluster() -> dict:
+    """The local SLURM cluster with its two namespace nodes (slurm/local-cluster.sh start --nodes 2, idempotent;
+    .ci/run starts it the same way): the environment its commands need."""
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
+    cluster = REPO / "slurm" / "local-cluster.sh"
+    started = subprocess.run(
+        ["bash", str(cluster), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert started.returncode == 0, started.stderr
+    conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
+    return {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}

@@ -2,29 +2,19 @@
 own network stack, hostname and address on a bridge), one rank per node, against the same job on one node."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, build_tiny_run_inputs, scalars
+from conftest import REPO, build_tiny_run_inputs, scalars, start_cluster
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
-        pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
-    started = subprocess.run(
-        ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
-    )
-    assert started.returncode == 0, started.stderr
-    conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
-    env = {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}
+    env = start_cluster()
     nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N %T"], capture_output=True, text=True, env=env)
     assert nodes.stdout.split() == ["disco-n1", "idle", "disco-n2", "idle"], nodes.stdout + nodes.stderr
     return env

@@ -3,7 +3,6 @@ the Submitit pipeline, and the checkpoint-on-signal path that requeueing relies 
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,23 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_tiny_run_inputs, scalars
+from conftest import REPO, build_tiny_run_inputs, scalars, start_cluster
 
 from disco_dist.distributed import deepspeed_command
-
-CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
-        pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
-    started = subprocess.run(
-        ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
-    )
-    assert started.returncode == 0, started.stderr
-    conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]
-    return {**os.environ, "SLURM_CONF": conf, "PYTHON": sys.executable, "DISCO_REPO": str(REPO)}
+    return start_cluster()
 
 
 @pytest.fixture(scope="module")

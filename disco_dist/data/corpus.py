@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import sha256_of
+from ..iters import chunks
 from .dedupe import SeenHashes
 
 TEXT, JSONL, PARQUET, DATASETS = "text", "jsonl", "parquet", "datasets"
@@ -137,7 +138,7 @@ def read_corpus(
     dropped, up to the last row used."""
     stats = stats if stats is not None else CorpusStats()
     seen = SeenHashes()
-    for chunk in _chunks(_rows(corpus_files(path), text_field), CHUNK):
+    for chunk in chunks(_rows(corpus_files(path), text_field), CHUNK):
         verdicts = []  # per row: [the counter it goes to, or None to keep it; its text, or what is wrong]
         for file, row, value in chunk:
             if isinstance(value, _BadRow):
@@ -279,14 +280,3 @@ def _dataset_rows(path: Path, text_field: str):
                 yield _checked(value, text_field)
     except pa.ArrowException as err:
         raise OSError(str(err)) from None
-
-
-def _chunks(items, size: int):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
