@@ -11,6 +11,8 @@ and reports the median of the repeats. The rows (see docs/benchmarks.md):
                        shapes and the real (non-padding) tokens / (step time x the matmul rate measured here)
   loader_headroom      the streaming loader alone / what training consumes (sentences/s)
   ckd_overhead         step time of CKD (gathered negatives + a full queue) / MSE-KD, on 2 ranks
+  bf16_training        S2 CKD on 2 ranks, bf16 autocast / fp32 (sentences/s), with STS-B dev after the same steps
+  time_to_student_min  minutes from nothing to a scored S2 student (`demo.py --recipe S2-fast`), with its STS avg
 
 disco-dist's side runs the user's commands (`python -m disco_dist.commands distill ...`, see
 distributed.command_argv), the other side the workers of `disco_dist.measure`. Also here: the
@@ -20,6 +22,7 @@ encoding speed of a recipe's student against its teacher (the speed table of doc
 import json
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .distributed import command_argv, threads_per_rank
-from .files import write_json_atomic
+from .files import REPO_ROOT, write_json_atomic
 from .measure import (
     alternate,
     encode_speed,
@@ -78,6 +81,10 @@ class Settings:
     st_batch_sizes: tuple = (8, 16, 32, 64, 128, 256)
     device: str = "cpu"
     precision: str = "fp32"
+    bf16_steps: int = 200  # bf16_training: steps of each side
+    bf16_shards: str | None = None  # teacher-cached shards for bf16_training (default: the benchmark's own)
+    bf16_keep_layers: tuple = (0, 2, 5)  # S2
+    time_to_student_run: str | None = None  # a finished `demo.py --recipe S2-fast` run to read, instead of a new one
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
     work_dir: str = "runs/benchmark"
     command: str = ""
@@ -90,7 +97,10 @@ TARGETS = {
     "mfu": (0.45, "higher"),
     "loader_headroom": (20.0, "higher"),
     "ckd_overhead": (1.10, "lower"),
+    "bf16_training": (1.8, "higher"),
+    "time_to_student_min": (35.0, "lower"),
 }
+STS_AVG_GOAL = 78.5  # time_to_student_min counts only with a student at least this good
 
 
 class Benchmark:
@@ -99,7 +109,16 @@ class Benchmark:
     rates, whose measurement adds the st_training row: mfu or loader_headroom without st_training report it
     too, before their own)."""
 
-    ORDER = ("teacher_encode", "zero3_vs_replicated", "st_training", "mfu", "loader_headroom", "ckd_overhead")
+    ORDER = (
+        "teacher_encode",
+        "zero3_vs_replicated",
+        "st_training",
+        "mfu",
+        "loader_headroom",
+        "ckd_overhead",
+        "bf16_training",
+        "time_to_student_min",
+    )
 
     def __init__(self, settings: Settings, log=print):
         self.s, self.log = settings, log
@@ -141,6 +160,10 @@ class Benchmark:
 
     def _distill(self, shards: Path, loss: str, steps: int, warmup: int, ranks: int = 0, extra=()) -> float:
         """Sentences/s of a real `distill` run after its warm-up interval."""
+        return self._distill_run(shards, loss, steps, warmup, ranks, extra)[0]
+
+    def _distill_run(self, shards: Path, loss: str, steps: int, warmup: int, ranks: int = 0, extra=()) -> tuple:
+        """(sentences/s after the warm-up interval, the run's train_summary.json) of a real `distill` run."""
         self.runs += 1
         run_dir = self.work / f"distill-{loss}-{self.runs}"
         args = flags(
@@ -165,8 +188,9 @@ class Benchmark:
         args += list(extra)
         self._run(command_argv("distill", *args, ranks=ranks), ranks)
         rate = rate_after_warmup(run_dir)
+        summary = json.loads((run_dir / "train_summary.json").read_text())
         shutil.rmtree(run_dir, ignore_errors=True)
-        return rate
+        return rate, summary
 
     def _add(self, name: str, value: float, command: str, **detail) -> None:
         target, better = TARGETS[name]
@@ -215,8 +239,15 @@ class Benchmark:
     def training(self) -> dict:
         """disco-dist's and sentence-transformers' training sentences/s, measured (and the st_training row
         added) once, for st_training, mfu and loader_headroom alike."""
+        summaries = []
+
+        def ours_once():
+            rate, summary = self._distill_run(self.cached, "mse", self.s.steps, self.s.warmup_steps)
+            summaries.append(summary)
+            return rate
+
         ours, theirs, a, b = alternate(
-            lambda: self._distill(self.cached, "mse", self.s.steps, self.s.warmup_steps),
+            ours_once,
             lambda: self._worker("st_training", self._spec(shards=str(self.cached)))["sentences_per_s"],
             self.s.repeats,
         )
@@ -231,6 +262,7 @@ class Benchmark:
             warmup_steps=self.s.warmup_steps,
             repeats_disco=a,
             repeats_st=b,
+            **{k: v for k, v in summaries[-1].items() if k == "peak_gpu_memory_gib"},
         )
         return {"disco": ours, "st": theirs}
 
@@ -356,6 +388,70 @@ class Benchmark:
             ranks=2,
             repeats_mse=a,
             repeats_ckd=b,
+        )
+
+    def bf16_training(self) -> None:
+        """S2 CKD (the recipe's settings) on 2 ranks, fp32 then bf16 (autocast, fp32 weights), on the same
+        batches: sentences/s after the warm-up, and the STS-B dev score after the same steps."""
+        shards = Path(self.s.bf16_shards) if self.s.bf16_shards else self.cached
+        warmup = self.s.warmup_steps
+        common = flags(
+            dict(keep_layers=list(self.s.bf16_keep_layers), lr=2e-4, head_init="lstsq", eval_every=self.s.bf16_steps)
+        )
+
+        def side(precision):
+            rate, summary = self._distill_run(
+                shards, "ckd", self.s.bf16_steps - warmup, warmup, ranks=2, extra=[*common, "--precision", precision]
+            )
+            return {"rate": rate, "dev": summary["best_dev"] * 100}
+
+        fp32, bf16 = side("fp32"), side("bf16")
+        from .precision import matmul_gflops
+
+        self._add(
+            "bf16_training",
+            bf16["rate"] / fp32["rate"],
+            self.s.command,
+            fp32_sentences_per_s=round(fp32["rate"], 2),
+            bf16_sentences_per_s=round(bf16["rate"], 2),
+            fp32_stsb_dev=round(fp32["dev"], 2),
+            bf16_stsb_dev=round(bf16["dev"], 2),
+            dev_gap=round(bf16["dev"] - fp32["dev"], 2),
+            steps=self.s.bf16_steps,
+            ranks=2,
+            shards=str(shards),
+            matmul_gflops_one_thread={
+                "fp32": round(matmul_gflops(torch.float32), 1),
+                "bf16": round(matmul_gflops(torch.bfloat16), 1),
+            },
+        )
+
+    def time_to_student_min(self) -> None:
+        """`python launchers/demo.py --recipe S2-fast`, from shards to the seven-task table (models fetched)."""
+        run_dir = Path(self.s.time_to_student_run or self.work / "time-to-student")
+        if not self.s.time_to_student_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            self._run(
+                [
+                    sys.executable,
+                    str(REPO_ROOT / "launchers" / "demo.py"),
+                    "--recipe",
+                    "S2-fast",
+                    "--run-dir",
+                    str(run_dir),
+                ]
+            )
+        timing = json.loads((run_dir / "timing.json").read_text())
+        scores = json.loads((run_dir / "finetune" / "eval_sts.json").read_text())["scores"]
+        average = scores["avg"]
+        self._add(
+            "time_to_student_min",
+            timing["to_student"] / 60,
+            f"python launchers/demo.py --recipe S2-fast --run-dir {run_dir}",
+            sts_avg=round(average, 2),
+            sts_avg_goal=STS_AVG_GOAL,
+            quality_met=average >= STS_AVG_GOAL,
+            minutes={step: round(seconds / 60, 2) for step, seconds in timing["seconds"].items()},
         )
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import stream
+from . import precision, stream
 from .errors import UserError
 from .files import DS_CONFIGS
 
@@ -29,6 +29,16 @@ def add_data_root(group) -> None:
 def add_local_rank(group) -> None:
     """The flag the `deepspeed` launcher passes to each rank (the environment's LOCAL_RANK serves as well)."""
     group.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def add_precision_flag(parser, what_bf16_means: str) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=precision.CHOICES,
+        default=precision.default_precision(),
+        help=f"bf16: {what_bf16_means}; auto: bf16 on a GPU that has it, and on a CPU whose bf16 matmul runs "
+        f">= {precision.BF16_MIN_SPEEDUP}x fp32 (timed at start-up), else fp32 (default: $DISCO_PRECISION, else auto)",
+    )
 
 
 def add_teacher_flags(group) -> None:
@@ -92,11 +102,13 @@ def _common(parser: Parser, stage: str) -> None:
         default=DS_CONFIGS / "student_zero0.json",
         help="DeepSpeed config of the student engine (ZeRO 0, 1 or 2)",
     )
+    add_precision_flag(g, "the student trains under bf16 autocast (fp32 weights), an online teacher holds bf16")
     g.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
+        "--unpadded",
+        choices=("auto", "off"),
         default="auto",
-        help="auto: bf16 where the device supports it (GPU), else fp32",
+        help="auto: the student's dense layers compute real tokens only, not padding, where its architecture "
+        "allows (BERT family, e.g. MiniLM); same results to float rounding",
     )
     g.add_argument("--num-workers", type=int, default=0, help="tokenising worker processes per rank")
     g = parser.add_argument_group("checkpoints, monitoring, selection")
@@ -273,13 +285,7 @@ def cache_teacher_parser() -> Parser:
     parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
     add_teacher_flags(parser)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="teacher forward precision; auto: bf16 on a GPU that has it, else fp32 (bf16 also helps "
-        "CPUs with AVX512-BF16/AMX); embeddings are stored as fp16 either way",
-    )
+    add_precision_flag(parser, "the teacher holds bf16 weights; embeddings are stored as fp16 either way")
     parser.add_argument("--overwrite", action="store_true")
     add_local_rank(parser)
     return parser

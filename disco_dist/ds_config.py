@@ -7,8 +7,6 @@ train without ZeRO; `load_ds_config` refuses it in one line instead.
 import json
 from pathlib import Path
 
-import torch
-
 from . import distributed
 from .errors import UserError
 
@@ -118,12 +116,3 @@ def check_ds_config_keys(config: dict, path) -> None:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(f"DeepSpeed config {path}: zero_optimization.{where}: {first['msg']}") from None
-
-
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """--precision: "bf16", "fp32", or "auto" (bf16 where the GPU supports it; fp32 on CPU)."""
-    return precision == "bf16" or (precision == "auto" and bf16_supported(device))

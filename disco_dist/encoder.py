@@ -181,6 +181,7 @@ class Encoder(nn.Module):
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.normalize, self.max_length = pooling, normalize, int(max_length)
         self.prompt, self.truncate_dim = prompt or "", truncate_dim
+        self.unpadded = False  # dense layers on real tokens only (unpadded.py); the student's training turns it on
 
     @property
     def dim(self) -> int:
@@ -252,7 +253,12 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, normalize=None):
         """Pooled embeddings, normalised if this encoder normalises (or as `normalize` says)."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.unpadded:
+            from . import unpadded
+
+            outputs = unpadded.forward(self.model, input_ids, attention_mask)
+        else:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
         embeddings = self.pool(outputs, attention_mask)
         if self.truncate_dim:
             embeddings = embeddings[:, : self.truncate_dim]

@@ -8,7 +8,9 @@ rebuilding a loader and asking for `batches(epoch, start)` yields exactly what a
 Stage-1 rule, per epoch: the shard list is shuffled with (seed, epoch), the same on every rank; rank r
 reads shards r, r+W, r+2W, ... of it, through a shuffle buffer seeded with (seed, epoch, rank), then
 groups `length_bucket` batches' worth of sentences by length (less padding) and shuffles the order of
-those batches. Every rank yields N = floor(min over ranks of its sentence count / batch size) batches;
+those batches with (seed, epoch), the same order on every rank: at each step the ranks' batches come from the
+same length quantile of their groups, so no rank waits long for another's longer batch at the all-reduce
+(see docs/benchmarks.md, "Where a step's time goes"). Every rank yields N = floor(min over ranks of its sentence count / batch size) batches;
 each rank's remaining sentences are not seen in that epoch (a different remainder each epoch).
 With `num_workers` > 0, worker w of a rank tokenises batches start+w, start+w+K, ... of the same
 stream (reading text is cheap, tokenising is not), and the DataLoader returns them in order.
@@ -68,6 +70,7 @@ class ShardBatches:
     def raw_batches(self, epoch: int):
         """This rank's epoch as lists of (key, text, teacher) samples, before tokenisation (cheap)."""
         rng = _rng("samples", self.seed, epoch, self.rank)
+        order = _rng("batch order", self.seed, epoch)  # the same on every rank: equal-length steps
         group = self.batch_size * self.length_bucket
         produced, limit = 0, self.batches_per_epoch(epoch)
         samples = iter_shard_samples(self.index, self.shards_of(epoch, self.rank), with_keys=True)
@@ -77,7 +80,7 @@ class ShardBatches:
             batches = [
                 chunk[i : i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)
             ]
-            rng.shuffle(batches)
+            order.shuffle(batches)
             for batch in batches:
                 if produced == limit:
                     return

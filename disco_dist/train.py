@@ -17,12 +17,13 @@ import torch
 from . import distributed
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import to_json
-from .ds_config import load_ds_config, use_bf16
+from .ds_config import load_ds_config
 from .errors import UserError
 from .evaluate import stsb_dev_spearman
 from .files import write_json_atomic
 from .metrics import Metrics, SampleLog, Stopwatch
 from .optim import build_optimizer
+from .precision import resolve_precision
 from .resilience import InjectedFaults, PeerWatch, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
 
 
@@ -59,10 +60,9 @@ def count_total_steps(stage, args) -> int:
 
 
 def build_engine(stage, args, env, total_steps: int) -> tuple:
-    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW and its schedule;
-    (engine, schedule, bf16)."""
-    bf16 = use_bf16(args.precision, env.device)
-    ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=bf16)
+    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW and its schedule; (engine,
+    schedule). The engine's own bf16 stays off: a bf16 student trains under autocast (see precision.py)."""
+    ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=False)
     ds_config["gradient_clipping"] = args.grad_clip
     if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
         raise UserError(f"{args.ds_config}: the student is data-parallel; use ZeRO stage 0, 1 or 2")
@@ -70,7 +70,7 @@ def build_engine(stage, args, env, total_steps: int) -> tuple:
     engine, *_ = distributed.import_deepspeed().initialize(
         model=stage.student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
-    return engine, schedule, bf16
+    return engine, schedule
 
 
 def train(args, stage_class) -> Path:
@@ -78,13 +78,16 @@ def train(args, stage_class) -> Path:
     check_writable(run_dir)
     env = distributed.init_distributed(args.local_rank)
     watch = PeerWatch(env, run_dir)
+    precision = resolve_precision(args.precision, env.device)
+    args.precision = precision.name  # what the stage's student and teacher compute in
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     stage = stage_class(args, env)  # builds the student first, then any ZeRO-3 teacher
     state = TrainState(total_steps=count_total_steps(stage, args))
-    engine, schedule, bf16 = build_engine(stage, args, env, state.total_steps)
+    engine, schedule = build_engine(stage, args, env, state.total_steps)
     stopwatch = Stopwatch()
-    stopwatch.wrap(engine, "allreduce_gradients", "comm")  # the data-parallel gradient all-reduce
+    if env.world_size > 1:  # the data-parallel gradient all-reduce: waiting for the slowest rank, then the bytes
+        stopwatch.wrap_collective(engine, "allreduce_gradients", "comm")
 
     checkpoint = resolve_resume(args.resume, run_dir)
     if checkpoint is not None:
@@ -102,7 +105,7 @@ def train(args, stage_class) -> Path:
             {
                 **to_json(args),
                 "world_size": env.world_size,
-                "bf16": bf16,
+                "precision_decision": precision.record(),
                 "total_steps": state.total_steps,
                 "stage": stage.name,
             },
@@ -199,6 +202,7 @@ def train(args, stage_class) -> Path:
                 "skipped_bad_shards": list(stage.skipped_shards),
                 **stage.gauges(),
                 "seconds": run_seconds(),
+                **_peak_gpu_memory(env.device),
             },
         )
         print(f"finished: {state.step} steps; final model {final}", flush=True)
@@ -226,6 +230,12 @@ def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: P
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
+
+
+def _peak_gpu_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
 def _show_progress(args, env) -> bool:

@@ -4,6 +4,11 @@ and writes the rows to JSON (rows of other devices in that file are kept).
     python launchers/benchmark.py                        # every row, CPU sizes (about 30 min on 2 cores)
     python launchers/benchmark.py --gpu                  # rows 1-3 in bf16 on one GPU, GPU sizes (< 8 min)
     python launchers/benchmark.py --parts st_training mfu --repeats 1
+    python launchers/benchmark.py --parts bf16_training --bf16-shards runs/fast/shards-teacher   # ~12 min
+    python launchers/benchmark.py --parts time_to_student_min                                  # ~30 min
+
+On a GPU the student trains in bf16 (autocast) with the padding-free forward (SDPA attention); the
+st_training row then records the run's peak GPU memory.
 """
 
 import argparse
@@ -49,6 +54,14 @@ def main(argv=None):
     parser.add_argument("--queue-size", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--st-batch-sizes", type=int, nargs="+", help="SentenceTransformer.encode batch sizes to try")
+    parser.add_argument("--bf16-steps", type=int, help="bf16_training: steps of each side (default 200)")
+    parser.add_argument(
+        "--bf16-shards", help="bf16_training: teacher-cached shards to train on (default: the benchmark's own)"
+    )
+    parser.add_argument(
+        "--time-to-student-run",
+        help="time_to_student_min: read this finished `demo.py --recipe S2-fast` run instead of running one",
+    )
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the GPU sizes")
     parser.add_argument("--work-dir", default=defaults.work_dir)
     parser.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.json")
@@ -67,6 +80,9 @@ def main(argv=None):
         "queue_size",
         "repeats",
         "work_dir",
+        "bf16_steps",
+        "bf16_shards",
+        "time_to_student_run",
     ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

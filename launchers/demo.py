@@ -11,6 +11,9 @@ The small default is recipes/demo.json (the recipe submit.py and the SLURM batch
 
     python launchers/demo.py                  # or: make demo
     python launchers/demo.py --sentences 10000 --run-dir runs/demo10k
+    python launchers/demo.py --recipe S2-fast --run-dir runs/fast   # a full-quality S2 student, ~30 min
+
+Each step's wall time is printed at the end and written to <run-dir>/timing.json.
 
 Each step prints the command it runs, so any of them can be rerun or changed by hand. Steps whose
 output already exists are skipped (delete the run folder to start over).
@@ -18,13 +21,14 @@ output already exists are skipped (delete the run folder to start over).
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from disco_dist.config import Parser
 from disco_dist.errors import exit_on_user_error
 from disco_dist.evaluate import format_table
 from disco_dist.fetch import fetch_model
-from disco_dist.files import REPO_ROOT
+from disco_dist.files import REPO_ROOT, write_json_atomic
 from disco_dist.recipes import evaluation, flags, load_recipe
 from disco_dist.recipes import run_command_logged as run
 
@@ -39,35 +43,77 @@ def teacher_scores(cache: Path, teacher: str) -> tuple:
     return row["scores"], f"teacher ({teacher}, from docs/results.json)"
 
 
+class Timing:
+    """Wall time of each step, in the order run; written to <run-dir>/timing.json after every step."""
+
+    def __init__(self, path: Path):
+        self.path, self.steps = path, {}
+
+    def step(self, name: str, function, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.steps[name] = round(time.perf_counter() - start, 1)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"seconds": self.steps, "to_student": self.to_student()})
+
+    def to_student(self) -> float:
+        """From nothing to the student's seven-task scores (the initialisation's row is extra)."""
+        return round(sum(v for k, v in self.steps.items() if k != "evaluate the initialisation"), 1)
+
+    def table(self) -> str:
+        lines = [f"  {name:<28} {seconds / 60:6.1f} min" for name, seconds in self.steps.items()]
+        return "\n".join(
+            ["wall time per step:", *lines, f"  {'to a scored student':<28} {self.to_student() / 60:6.1f} min"]
+        )
+
+
 @exit_on_user_error
 def main(argv=None):
-    demo = load_recipe("demo")
     parser = Parser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=Path("runs") / "demo")
-    parser.add_argument(
-        "--sentences", type=int, default=demo["sentences"], help="distillation sentences (prefix of the corpus)"
-    )
+    parser.add_argument("--recipe", default="demo", help="recipes/<name>.json: demo (default) or S2-fast")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<recipe>")
+    parser.add_argument("--sentences", type=int, default=None, help="distillation sentences (prefix of the corpus)")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument(
-        "--triplets", type=int, default=demo["finetune"]["max_triplets"], help="NLI triplets for fine-tuning"
-    )
+    parser.add_argument("--triplets", type=int, default=None, help="NLI triplets for fine-tuning (default: recipe's)")
     parser.add_argument("--evaluate-teacher", action="store_true", help="score the teacher here too (~20 min)")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir if args.run_dir.is_absolute() else REPO_ROOT / args.run_dir
+    demo = load_recipe(args.recipe)
+    run_dir = args.run_dir or Path("runs") / demo["label"]
+    run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
+    sentences = args.sentences or demo["sentences"]
+    triplets = args.triplets or demo["finetune"].get("max_triplets")
     eval_cache = REPO_ROOT / ".cache" / "eval"
     eval_cache.mkdir(parents=True, exist_ok=True)
     teacher, student, layers = demo["teacher"], demo["student"], [str(i) for i in demo["keep_layers"]]
+    timing = Timing(run_dir / "timing.json")
 
-    print("\n$ python launchers/fetch_models.py", flush=True)
-    for name in (teacher, student):
-        print(f"{name}: {fetch_model(name)}", flush=True)
+    def fetch():
+        print("\n$ python launchers/fetch_models.py", flush=True)
+        for name in (teacher, student):
+            print(f"{name}: {fetch_model(name)}", flush=True)
+
+    timing.step("fetch the models", fetch)
     shards, cached = run_dir / "shards", run_dir / "shards-teacher"
     if not (shards / "index.json").exists():
-        run(
-            "make_shards", "--out", shards, "--limit", args.sentences, "--shard-size", demo["shard_size"], "--overwrite"
+        timing.step(
+            "make shards",
+            run,
+            "make_shards",
+            "--out",
+            shards,
+            "--limit",
+            sentences,
+            "--shard-size",
+            demo["shard_size"],
+            "--overwrite",
         )
     if not (cached / "index.json").exists():
-        run(
+        # a teacher that fits in memory runs fastest as one process using every core (ZeRO-3 pays gathers)
+        timing.step(
+            "cache the teacher",
+            run,
             "cache_teacher",
             "--shards",
             shards,
@@ -75,14 +121,15 @@ def main(argv=None):
             cached,
             "--teacher",
             teacher,
-            "--teacher-batch-size",
-            demo["teacher_batch_size"],
+            *flags({"teacher_batch_size": demo.get("teacher_batch_size")}),
             "--overwrite",
-            ranks=args.ranks,
+            ranks=demo.get("teacher_ranks", args.ranks),
         )
     distilled, finetuned = run_dir / "distill", run_dir / "finetune"
-    if not (distilled / "final").exists():
-        run(
+    if not (distilled / "train_summary.json").exists():
+        timing.step(
+            "stage 1: CKD",
+            run,
             "distill",
             "--shards",
             cached,
@@ -100,13 +147,15 @@ def main(argv=None):
             ranks=args.ranks,
         )
     if not (finetuned / "train_summary.json").exists():
-        run(
+        timing.step(
+            "stage 2: fine-tuning",
+            run,
             "finetune",
             "--student",
             distilled / "final",
             "--run-dir",
             finetuned,
-            *flags({**demo["finetune"], "max_triplets": args.triplets}),
+            *flags({**demo["finetune"], "max_triplets": triplets}),
             "--resume",
             "auto",
             ranks=args.ranks,
@@ -118,11 +167,19 @@ def main(argv=None):
         evaluation(teacher, teacher_cache, "teacher")
     scores, label = teacher_scores(teacher_cache, teacher)
     rows[label] = scores
-    rows[f"student init (MiniLM-L6 layers {','.join(layers)})"] = evaluation(
-        student, eval_cache / "student-L3-init.json", "init", ["--keep-layers", *layers]
+    rows[f"student init (MiniLM-L6 layers {','.join(layers)})"] = timing.step(
+        "evaluate the initialisation",
+        evaluation,
+        student,
+        eval_cache / f"student-L{len(layers)}-init.json",
+        "init",
+        ["--keep-layers", *layers],
     )
-    rows["student after CKD + fine-tuning"] = evaluation(finetuned / "final", finetuned / "eval_sts.json", "disco")
+    rows["student after CKD + fine-tuning"] = timing.step(
+        "evaluate the student", evaluation, finetuned / "final", finetuned / "eval_sts.json", "disco"
+    )
     print("\nSTS (cosine, Spearman x100; STS12-16 all, STS-B and SICK-R test)\n" + format_table(rows))
+    print("\n" + timing.table())
     print(f"\nrun folder: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir} --host 127.0.0.1")
 
 

@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the same numbers on every machine: --precision auto would pick bf16 on some CPUs and fp32 on others
+# (tests of auto and bf16 pass the flag themselves)
+os.environ["DISCO_PRECISION"] = "fp32"
 
 WORDS = """a an the is are was were be been of to in on at for with by from and or but not no this that these
 those it its he she they we you i his her their our man woman men women child children dog dogs cat cats

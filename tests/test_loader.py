@@ -46,6 +46,30 @@ def test_every_rank_has_the_same_number_of_batches(uneven_shards):
     assert len(set(three)) == 1
 
 
+def test_the_ranks_batches_at_each_step_come_from_the_same_length_quantile(tmp_path):
+    """Batch order is shared by the ranks: at every step the ranks' batches are the k-th shortest of their
+    groups, so none waits long for another's longer batch at the gradient all-reduce."""
+    import random
+
+    writer = ShardFolderWriter(tmp_path, shard_size=50)
+    lengths = random.Random(0).sample(range(1, 2000), 800)  # every sentence a different length
+    for n, length in enumerate(lengths):
+        writer.write("x" * length + f" {n}")
+    index = writer.finish()
+    group = 4  # length_bucket: batches per sorted group
+    ranks = [list(loader(index, r).batches(0)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) >= 3 * group
+    orders = []
+    for start in range(0, len(ranks[0]) - group + 1, group):
+        quantiles = []
+        for batches in ranks:
+            longest = [max(len(t) for t in batch["texts"]) for batch in batches[start : start + group]]
+            quantiles.append(sorted(range(group), key=longest.__getitem__))
+        assert quantiles[0] == quantiles[1], start
+        orders.append(quantiles[0])
+    assert len({tuple(o) for o in orders}) > 1  # still shuffled: not shortest first, nor one fixed order
+
+
 def test_epochs_differ_and_are_reproducible(uneven_shards):
     a = list(loader(uneven_shards, 0).batches(0))
     assert a == list(loader(uneven_shards, 0).batches(0))

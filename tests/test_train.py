@@ -104,6 +104,7 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
         "throughput/sentences_per_s",
         "throughput/tokens_per_s",
         "time/teacher_share",
+        "time/wait_share",
         "time/comm_share",
     ):
         assert set(logged[tag]) == {5, 10, 15, 20, 25, 30}, tag
@@ -184,7 +185,9 @@ def test_rank_killed_mid_step_stops_the_run_and_resume_matches_uninterrupted(set
     assert len(rows) == 2 * 30 and len(keys) == len(set(keys)) == 2 * 30 * 16  # none twice, none skipped
 
 
-def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mse_loss_falls_with_cached_teacher(setup, tmp_path, precision):
+    """Also in bf16 (autocast on fp32 weights): the loss falls as far, the run records it, the saved student is fp32."""
     root, student, teacher = setup
     cached = tmp_path / "cached"
     result = launch(
@@ -214,9 +217,15 @@ def test_mse_loss_falls_with_cached_teacher(setup, tmp_path):
         "random",
         "--checkpoint-every",
         0,
+        "--precision",
+        precision,
     ]
     result = launch("distill.py", args)
     assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-3000:]
+    decision = json.loads((run / "config.json").read_text())["precision_decision"]
+    assert decision == {"name": precision, "requested": precision, "reason": "asked for"}
+    saved = Encoder.from_pretrained(run / "final")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
     losses = scalars(run)["loss/mse"]
     steps = sorted(losses)
     assert steps[-1] == 3 * (1200 // 2 // 16)  # 3 epochs of 37 batches per rank
