@@ -396,14 +396,20 @@ class Benchmark:
         shards = Path(self.s.bf16_shards) if self.s.bf16_shards else self.cached
         warmup = self.s.warmup_steps
         common = flags(
-            dict(keep_layers=list(self.s.bf16_keep_layers), lr=2e-4, head_init="lstsq", eval_every=self.s.bf16_steps)
+            dict(
+                keep_layers=list(self.s.bf16_keep_layers),
+                lr=2e-4,
+                head_init="lstsq",
+                eval_every=self.s.bf16_steps,  # one STS-B dev score, at the end
+                select="best",
+            )
         )
 
         def side(precision):
             rate, summary = self._distill_run(
                 shards, "ckd", self.s.bf16_steps - warmup, warmup, ranks=2, extra=[*common, "--precision", precision]
             )
-            return {"rate": rate, "dev": summary["best_dev"] * 100}
+            return {"rate": rate, "dev": summary["best_dev"]}
 
         fp32, bf16 = side("fp32"), side("bf16")
         from .precision import matmul_gflops
@@ -420,9 +426,10 @@ class Benchmark:
             steps=self.s.bf16_steps,
             ranks=2,
             shards=str(shards),
-            matmul_gflops_one_thread={
+            precision_probe_gflops={  # what --precision auto measures, at this process's thread count
                 "fp32": round(matmul_gflops(torch.float32), 1),
                 "bf16": round(matmul_gflops(torch.bfloat16), 1),
+                "threads": torch.get_num_threads(),
             },
         )
 

@@ -100,7 +100,7 @@ def cache_teacher_embeddings(
                 shard.close()
             first += len(shard_samples)
     progress.close()
-    for _ in range(max(forwards_needed) - forwards):
+    for _ in range(max(forwards_needed) - forwards if teacher.partitioned else 0):  # keep step with the gathers
         teacher.padding_forward()
     distributed.barrier()
     seconds = time.perf_counter() - start

@@ -51,6 +51,12 @@ def add_teacher_flags(group) -> None:
         help="DeepSpeed config of the teacher (ZeRO stage 3)",
     )
     group.add_argument(
+        "--teacher-replicated",
+        action="store_true",
+        help="every rank holds the whole teacher instead of a ZeRO-3 share: no gathers, so faster where the "
+        "teacher fits in each rank's memory (e.g. a 110M-parameter teacher on CPU ranks)",
+    )
+    group.add_argument(
         "--teacher-batch-size",
         type=int,
         help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, "

@@ -10,8 +10,9 @@ reads shards r, r+W, r+2W, ... of it, through a shuffle buffer seeded with (seed
 groups `length_bucket` batches' worth of sentences by length (less padding) and shuffles the order of
 those batches with (seed, epoch), the same order on every rank: at each step the ranks' batches come from the
 same length quantile of their groups, so no rank waits long for another's longer batch at the all-reduce
-(see docs/benchmarks.md, "Where a step's time goes"). Every rank yields N = floor(min over ranks of its sentence count / batch size) batches;
-each rank's remaining sentences are not seen in that epoch (a different remainder each epoch).
+(see docs/benchmarks.md, "Where a step's time goes"). Every rank yields N = floor(min over ranks of its
+sentence count / batch size) batches; each rank's remaining sentences are not seen in that epoch (a different
+remainder each epoch).
 With `num_workers` > 0, worker w of a rank tokenises batches start+w, start+w+K, ... of the same
 stream (reading text is cheap, tokenising is not), and the DataLoader returns them in order.
 """

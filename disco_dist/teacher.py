@@ -32,7 +32,8 @@ def default_teacher_batch_size(device: torch.device, partitioned: bool) -> int:
 
 class ZeroTeacher:
     """A frozen Encoder whose parameters are partitioned across ranks (ZeRO-3 inference). With one rank
-    there is nothing to partition: the teacher is then a plain module (ZeRO-3's hooks cost ~15% there)."""
+    there is nothing to partition: the teacher is then a plain module (ZeRO-3's hooks cost ~15% there), as it
+    is on every rank with `replicated` (no gathers; each rank holds it all)."""
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class ZeroTeacher:
         precision: str = "auto",
         prompt: str | None = None,
         dim: int | None = None,
+        replicated: bool = False,
     ):
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -52,7 +54,7 @@ class ZeroTeacher:
         config = load_ds_config(ds_config_path, bf16=self.bf16)
         if config.get("zero_optimization", {}).get("stage") != 3:
             raise UserError(f"{ds_config_path}: the teacher config must use zero_optimization.stage 3")
-        self.partitioned = distributed.world_size() > 1
+        self.partitioned = distributed.world_size() > 1 and not replicated
         if self.partitioned:
             hf_zero3 = HfDeepSpeedConfig(config)  # while alive, models are built straight into partitions
             try:
@@ -94,6 +96,7 @@ class ZeroTeacher:
             precision=args.precision,
             prompt=args.teacher_prompt,
             dim=args.teacher_dim,
+            replicated=args.teacher_replicated,
         )
 
     @property

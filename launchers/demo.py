@@ -110,7 +110,6 @@ def main(argv=None):
             "--overwrite",
         )
     if not (cached / "index.json").exists():
-        # a teacher that fits in memory runs fastest as one process using every core (ZeRO-3 pays gathers)
         timing.step(
             "cache the teacher",
             run,
@@ -121,9 +120,9 @@ def main(argv=None):
             cached,
             "--teacher",
             teacher,
-            *flags({"teacher_batch_size": demo.get("teacher_batch_size")}),
+            *flags({k: demo.get(k) for k in ("teacher_batch_size", "teacher_replicated")}),
             "--overwrite",
-            ranks=demo.get("teacher_ranks", args.ranks),
+            ranks=demo.get("teacher_ranks", args.ranks),  # S2-fast: one process on every core (no ZeRO-3 gathers)
         )
     distilled, finetuned = run_dir / "distill", run_dir / "finetune"
     if not (distilled / "train_summary.json").exists():

@@ -45,15 +45,33 @@ def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
         assert cosine.min() > 0.999 and not torch.equal(result["embeddings"], expected)
 
 
-def cache_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences=None):
+def cache_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences=None, replicated=False):
     from disco_dist.cache import cache_teacher_embeddings
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
     env = read_env()
-    teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8)
+    teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8, replicated=replicated)
     cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None, group_sentences=group_sentences)
-    return True
+    return teacher.local_parameter_fraction()
+
+
+def test_a_replicated_teacher_holds_it_all_and_caches_what_zero3_caches(tmp_path):
+    """--teacher-replicated: no partitions, no gathers (each rank embeds its own shards alone); same embeddings."""
+    model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {i} dog plays in a park" for i in range(45)) + "\n")
+    make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)  # 5 shards: uneven over 2 ranks
+    config = str(REPO / "ds_configs" / "teacher_zero3.json")
+    embeddings, fractions = {}, {}
+    for replicated in (False, True):
+        out = tmp_path / f"cached-{replicated}"
+        fractions[replicated] = run_on_ranks(
+            cache_rank, 2, tmp_path, str(model_dir), config, str(tmp_path / "src"), str(out), None, replicated
+        )
+        embeddings[replicated] = np.stack([e for _, e in iter_shard_samples(read_index(out))])
+    assert fractions[True] == [1.0, 1.0] and max(fractions[False]) < 0.7
+    np.testing.assert_array_equal(embeddings[True], embeddings[False])
 
 
 def test_cache_pass_writes_fp16_embeddings_for_every_sentence(tmp_path):
