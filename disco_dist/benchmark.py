@@ -22,16 +22,16 @@ encoding speed of a recipe's student against its teacher (the speed table of doc
 import json
 import shutil
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from .benchmark_rows import TARGETS, Row
+from .benchmark_runs import WholeRuns
 from .distributed import command_argv, threads_per_rank
-from .files import REPO_ROOT, write_json_atomic
 from .measure import (
     alternate,
     encode_speed,
@@ -43,22 +43,6 @@ from .measure import (
     worker_argv,
 )
 from .recipes import flags
-
-
-@dataclass
-class Row:
-    name: str
-    value: float
-    target: float
-    better: str  # "higher" | "lower"
-    device: str
-    command: str
-    detail: dict = field(default_factory=dict)
-
-    @property
-    def met(self) -> bool:
-        return self.value >= self.target if self.better == "higher" else self.value <= self.target
-
 
 # ---------------------------------------------------------------- the benchmark
 
@@ -84,26 +68,13 @@ class Settings:
     bf16_steps: int = 200  # bf16_training: steps of each side
     bf16_shards: str | None = None  # teacher-cached shards for bf16_training (default: the benchmark's own)
     bf16_keep_layers: tuple = (0, 2, 5)  # S2
-    time_to_student_run: str | None = None  # a finished `demo.py --recipe S2-fast` run to read, instead of a new one
+    time_to_student_run: str | None = None  # the finished `demo.py --recipe S2-fast` run that time_to_student_min reads
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
     work_dir: str = "runs/benchmark"
     command: str = ""
 
 
-TARGETS = {
-    "st_training": (1.3, "higher"),
-    "teacher_encode": (1.0, "higher"),
-    "zero3_vs_replicated": (0.8, "higher"),
-    "mfu": (0.45, "higher"),
-    "loader_headroom": (20.0, "higher"),
-    "ckd_overhead": (1.10, "lower"),
-    "bf16_training": (1.8, "higher"),
-    "time_to_student_min": (35.0, "lower"),
-}
-STS_AVG_GOAL = 78.5  # time_to_student_min counts only with a student at least this good
-
-
-class Benchmark:
+class Benchmark(WholeRuns):
     """The parts of `settings.parts`, each adding its row, run in ORDER. What several parts read is computed
     once, by the first that reads it: `cached` (the teacher-cached shards) and `training` (the two training
     rates, whose measurement adds the st_training row: mfu or loader_headroom without st_training report it
@@ -389,96 +360,6 @@ class Benchmark:
             repeats_mse=a,
             repeats_ckd=b,
         )
-
-    def bf16_training(self) -> None:
-        """S2 CKD (the recipe's settings) on 2 ranks, fp32 then bf16 (autocast, fp32 weights), on the same
-        batches: sentences/s after the warm-up, and the STS-B dev score after the same steps."""
-        shards = Path(self.s.bf16_shards) if self.s.bf16_shards else self.cached
-        warmup = self.s.warmup_steps
-        common = flags(
-            dict(
-                keep_layers=list(self.s.bf16_keep_layers),
-                lr=2e-4,
-                head_init="lstsq",
-                eval_every=self.s.bf16_steps,  # one STS-B dev score, at the end
-                select="best",
-            )
-        )
-
-        def side(precision):
-            rate, summary = self._distill_run(
-                shards, "ckd", self.s.bf16_steps - warmup, warmup, ranks=2, extra=[*common, "--precision", precision]
-            )
-            return {"rate": rate, "dev": summary["best_dev"]}
-
-        fp32, bf16 = side("fp32"), side("bf16")
-        from .precision import matmul_gflops
-
-        self._add(
-            "bf16_training",
-            bf16["rate"] / fp32["rate"],
-            self.s.command,
-            fp32_sentences_per_s=round(fp32["rate"], 2),
-            bf16_sentences_per_s=round(bf16["rate"], 2),
-            fp32_stsb_dev=round(fp32["dev"], 2),
-            bf16_stsb_dev=round(bf16["dev"], 2),
-            dev_gap=round(bf16["dev"] - fp32["dev"], 2),
-            steps=self.s.bf16_steps,
-            ranks=2,
-            shards=str(shards),
-            precision_probe_gflops={  # what --precision auto measures, at this process's thread count
-                "fp32": round(matmul_gflops(torch.float32), 1),
-                "bf16": round(matmul_gflops(torch.bfloat16), 1),
-                "threads": torch.get_num_threads(),
-            },
-        )
-
-    def time_to_student_min(self) -> None:
-        """`python launchers/demo.py --recipe S2-fast`, from shards to the seven-task table (models fetched)."""
-        run_dir = Path(self.s.time_to_student_run or self.work / "time-to-student")
-        if not self.s.time_to_student_run:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            self._run(
-                [
-                    sys.executable,
-                    str(REPO_ROOT / "launchers" / "demo.py"),
-                    "--recipe",
-                    "S2-fast",
-                    "--run-dir",
-                    str(run_dir),
-                ]
-            )
-        timing = json.loads((run_dir / "timing.json").read_text())
-        scores = json.loads((run_dir / "finetune" / "eval_sts.json").read_text())["scores"]
-        average = scores["avg"]
-        self._add(
-            "time_to_student_min",
-            timing["to_student"] / 60,
-            f"python launchers/demo.py --recipe S2-fast --run-dir {run_dir}",
-            sts_avg=round(average, 2),
-            sts_avg_goal=STS_AVG_GOAL,
-            quality_met=average >= STS_AVG_GOAL,
-            minutes={step: round(seconds / 60, 2) for step, seconds in timing["seconds"].items()},
-        )
-
-
-def format_table(rows: list) -> str:
-    lines = ["| name | value | target | met | device |", "|---|---|---|---|---|"]
-    for row in rows:
-        sign = ">=" if row.better == "higher" else "<="
-        lines.append(
-            f"| {row.name} | {row.value:.3f} | {sign} {row.target} | {'yes' if row.met else 'NO'} | {row.device} |"
-        )
-    return "\n".join(lines)
-
-
-def merge_json(path: Path, rows: list) -> None:
-    """Write the rows into `path`, replacing earlier rows of the same name and device (other devices stay)."""
-    path = Path(path)
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    new = [{k: v for k, v in asdict(r).items()} for r in rows]
-    keys = {(r["name"], r["device"]) for r in new}
-    write_json_atomic(path, {"rows": [r for r in old if (r["name"], r["device"]) not in keys] + new})
 
 
 # ---------------------------------------------------------------- a recipe's encoding speed (docs/results.md)

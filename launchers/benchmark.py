@@ -13,10 +13,13 @@ st_training row then records the run's peak GPU memory.
 
 import argparse
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from disco_dist.benchmark import TARGETS, Benchmark, Settings, format_table, merge_json
+from disco_dist.benchmark import Benchmark, Settings
+from disco_dist.benchmark_rows import TARGETS, format_table, merge_json
 from disco_dist.config import Parser
 from disco_dist.distributed import exit_process
 from disco_dist.errors import UserError, exit_on_user_error
@@ -30,6 +33,17 @@ GPU_SIZES = {
     "warmup_steps": 10,
     "parts": ("st_training", "teacher_encode", "mfu"),
 }
+
+
+def run_time_to_student(work_dir: Path) -> str:
+    """A fresh `demo.py --recipe S2-fast` run in work_dir (about 30 min on 2 cores); its folder."""
+    run_dir = work_dir / "time-to-student"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    demo = Path(__file__).resolve().parent / "demo.py"
+    command = [sys.executable, str(demo), "--recipe", "S2-fast", "--run-dir", str(run_dir)]
+    if subprocess.run(command).returncode != 0:
+        raise UserError(f"time_to_student_min: the run failed (its output is above): {shlex.join(command)}")
+    return str(run_dir)
 
 
 @exit_on_user_error
@@ -60,7 +74,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--time-to-student-run",
-        help="time_to_student_min: read this finished `demo.py --recipe S2-fast` run instead of running one",
+        help="time_to_student_min: read this finished `demo.py --recipe S2-fast` run (default: run one, ~30 min)",
     )
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the GPU sizes")
     parser.add_argument("--work-dir", default=defaults.work_dir)
@@ -97,6 +111,8 @@ def main(argv=None):
 
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA device is visible here")
+    if "time_to_student_min" in values.get("parts", ()) and not args.time_to_student_run:
+        values["time_to_student_run"] = run_time_to_student(Path(values.get("work_dir", defaults.work_dir)))
     settings = Settings(**values, command="python launchers/benchmark.py " + shlex.join(argv))
     rows = Benchmark(settings).run()
     print(format_table(rows))
