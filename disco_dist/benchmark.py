@@ -195,6 +195,7 @@ class Benchmark(WholeRuns):
             max_length=self.s.max_length,
             overwrite=True,
             teacher_batch_size=self.s.teacher_batch_size,
+            precision=self.s.precision,  # the same as the other side's, never the machine's auto choice
         )
         self._run(command_argv("cache_teacher", *flags(options)))
         return json.loads((self.work / "cached" / "index.json").read_text())["teacher"]["sentences_per_s"]
