@@ -66,7 +66,7 @@ class Settings:
     device: str = "cpu"
     precision: str = "fp32"
     bf16_steps: int = 200  # bf16_training: steps of each side
-    bf16_shards: str | None = None  # teacher-cached shards for bf16_training (default: the benchmark's own)
+    bf16_shards: str | None = None  # teacher-cached shards for bf16_training (required by that part)
     bf16_keep_layers: tuple = (0, 2, 5)  # S2
     time_to_student_run: str | None = None  # the finished `demo.py --recipe S2-fast` run that time_to_student_min reads
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")

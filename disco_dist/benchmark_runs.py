@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .benchmark_rows import STS_AVG_GOAL
+from .errors import UserError
 from .recipes import flags
 
 
@@ -14,7 +15,12 @@ class WholeRuns:
     def bf16_training(self) -> None:
         """S2 CKD (the recipe's settings) on 2 ranks, fp32 then bf16 (autocast, fp32 weights), on the same
         batches: sentences/s after the warm-up, and the STS-B dev score after the same steps."""
-        shards = Path(self.s.bf16_shards) if self.s.bf16_shards else self.cached
+        if not self.s.bf16_shards:  # the benchmark's own 768 sentences would be 33 epochs: a meaningless dev score
+            raise UserError(
+                "bf16_training needs --bf16-shards: teacher-cached shards of at least 2 x 64 x --bf16-steps sentences "
+                "(e.g. runs/fast/shards-teacher from `python launchers/demo.py --recipe S2-fast --run-dir runs/fast`)"
+            )
+        shards = Path(self.s.bf16_shards)
         warmup = self.s.warmup_steps
         common = flags(
             dict(
@@ -58,6 +64,11 @@ class WholeRuns:
         """Read a finished `python launchers/demo.py --recipe S2-fast --run-dir D` (launchers/benchmark.py runs one
         first when no run is given): its minutes from shards to the seven-task table, and the table's average."""
         run_dir = Path(self.s.time_to_student_run)
+        if not (run_dir / "timing.json").is_file() or not (run_dir / "finetune" / "eval_sts.json").is_file():
+            raise UserError(
+                f"--time-to-student-run {run_dir}: not a finished `demo.py --recipe S2-fast` run (no timing.json or "
+                "finetune/eval_sts.json); leave the flag out to run one"
+            )
         timing = json.loads((run_dir / "timing.json").read_text())
         scores = json.loads((run_dir / "finetune" / "eval_sts.json").read_text())["scores"]
         average = scores["avg"]

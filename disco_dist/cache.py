@@ -1,8 +1,8 @@
 """The teacher-cache pass: embed every sentence of a shard folder once, into new shards with fp16 embeddings.
 
 Consecutive shards are grouped (the same groups whatever W) and rank r embeds groups r, r+W, ... with the
-(ZeRO-3) teacher; every rank runs the same number of teacher forwards (padding ones where it has fewer), and
-rank 0 writes the index once all are done. A cut-short pass continues where it stopped: each shard is renamed
+teacher; under ZeRO-3 every rank runs the same number of teacher forwards (padding ones where it has fewer),
+and rank 0 writes the index once all are done. A cut-short pass continues where it stopped: each shard is renamed
 into place only when whole, and a plan file says what the finished shards were made from.
 """
 

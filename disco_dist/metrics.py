@@ -38,15 +38,14 @@ class Stopwatch:
 
         return wrapped
 
-    def wrap(self, obj, method: str, name: str) -> None:
-        setattr(obj, method, self.timed(name, getattr(obj, method)))
-
     def wrap_collective(self, obj, method: str, name: str) -> None:
         """Time a collective in two parts: "wait", a barrier first (this rank waiting for the slowest one), then
         `name`, the collective itself (moving the bytes)."""
         call = self.timed(name, getattr(obj, method))
 
         def waited(*args, **kwargs):
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # this rank's own queued kernels are compute, not waiting (untimed)
             with self.timing("wait"):
                 distributed.barrier()
             return call(*args, **kwargs)

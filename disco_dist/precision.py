@@ -3,8 +3,9 @@
 bf16 pays only where the hardware multiplies bf16 faster than fp32: on a GPU with bf16 it does; on CPUs it
 varies (an AMD EPYC here multiplied bf16 ~2.2x faster than fp32 on one core, an Intel Xeon without AMX 0.6x).
 So on a CPU `auto` times a few milliseconds of matrix products in both precisions, at the process's thread
-count, and picks bf16 when it is at least `BF16_MIN_SPEEDUP` times fp32. Rank 0 measures and decides for every
-rank (they must agree). What was decided and why goes into the run's config.json and the cache's index.
+count, and picks bf16 when it is at least `BF16_MIN_SPEEDUP` times fp32; rank 0 measures and decides for every
+rank (they must agree). What was decided and why goes into a training run's config.json (a resumed run keeps
+it); a cache's index records the precision its embeddings were computed in.
 
 Where bf16 is used: the student trains under `torch.autocast` (fp32 master weights, optimizer state and
 gradients; the losses computed in fp32 on fp32 embeddings); a frozen teacher holds bf16 weights.
@@ -42,10 +43,6 @@ class Precision:
     @property
     def bf16(self) -> bool:
         return self.name == "bf16"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -17,6 +17,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .errors import exit_on_user_error
+
 KINDS = {  # aten op -> what it is, for the table; the rest is "other"
     "matmul (dense layers, head, loss)": ("aten::mm", "aten::addmm", "aten::bmm"),
     "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "flash_attention_for_cpu_backward"),
@@ -38,6 +40,7 @@ def bucketed_batches(corpus: str, batch_size: int, batches: int, bucket: int = 1
     return [groups[(i * 5) % len(groups)] for i in range(batches)]  # short, long and middling batches alike
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     from .data import resolve_data_root
     from .encoder import Encoder

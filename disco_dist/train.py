@@ -6,6 +6,7 @@ checkpoint, and finally save the student. What keeps the loop alive (NaN skippin
 is in resilience.py; the optimizer and schedule in optim.py; checkpoints in checkpoint.py.
 """
 
+import json
 import math
 import random
 import sys
@@ -23,7 +24,7 @@ from .evaluate import stsb_dev_spearman
 from .files import write_json_atomic
 from .metrics import Metrics, SampleLog, Stopwatch
 from .optim import build_optimizer
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from .resilience import InjectedFaults, PeerWatch, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
 
 
@@ -78,7 +79,8 @@ def train(args, stage_class) -> Path:
     check_writable(run_dir)
     env = distributed.init_distributed(args.local_rank)
     watch = PeerWatch(env, run_dir)
-    precision = resolve_precision(args.precision, env.device)
+    checkpoint = resolve_resume(args.resume, run_dir)
+    precision = run_precision(args, env, run_dir, resuming=checkpoint is not None)
     args.precision = precision.name  # what the stage's student and teacher compute in
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -89,7 +91,6 @@ def train(args, stage_class) -> Path:
     if env.world_size > 1:  # the data-parallel gradient all-reduce: waiting for the slowest rank, then the bytes
         stopwatch.wrap_collective(engine, "allreduce_gradients", "comm")
 
-    checkpoint = resolve_resume(args.resume, run_dir)
     if checkpoint is not None:
         saved, extra = load_checkpoint(engine, checkpoint)
         state.load_state_dict(saved)
@@ -212,6 +213,17 @@ def train(args, stage_class) -> Path:
     watch.stop()
     distributed.shutdown()
     return final
+
+
+def run_precision(args, env, run_dir: Path, resuming: bool) -> Precision:
+    """--precision for this run: a resumed `auto` run keeps the decision its config.json recorded (a new probe
+    could land on the other side of the threshold mid-run); else decided now."""
+    config = run_dir / "config.json"
+    if resuming and args.precision == "auto" and config.is_file():
+        saved = json.loads(config.read_text()).get("precision_decision")
+        if saved and saved.get("requested") == "auto":
+            return Precision(**saved)
+    return resolve_precision(args.precision, env.device)
 
 
 def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: Path) -> None:

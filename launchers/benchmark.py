@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--st-batch-sizes", type=int, nargs="+", help="SentenceTransformer.encode batch sizes to try")
     parser.add_argument("--bf16-steps", type=int, help="bf16_training: steps of each side (default 200)")
     parser.add_argument(
-        "--bf16-shards", help="bf16_training: teacher-cached shards to train on (default: the benchmark's own)"
+        "--bf16-shards", help="bf16_training: teacher-cached shards to train on (required by that part)"
     )
     parser.add_argument(
         "--time-to-student-run",

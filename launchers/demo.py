@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from disco_dist.config import Parser
-from disco_dist.errors import exit_on_user_error
+from disco_dist.errors import UserError, exit_on_user_error
 from disco_dist.evaluate import format_table
 from disco_dist.fetch import fetch_model
 from disco_dist.files import REPO_ROOT, write_json_atomic
@@ -47,7 +47,9 @@ class Timing:
     """Wall time of each step, in the order run; written to <run-dir>/timing.json after every step."""
 
     def __init__(self, path: Path):
-        self.path, self.steps = path, {}
+        # a rerun skips finished steps: their times stay from the run that made them
+        self.path = path
+        self.steps = json.loads(path.read_text())["seconds"] if path.is_file() else {}
 
     def step(self, name: str, function, *args, **kwargs):
         start = time.perf_counter()
@@ -80,10 +82,16 @@ def main(argv=None):
     parser.add_argument("--evaluate-teacher", action="store_true", help="score the teacher here too (~20 min)")
     args = parser.parse_args(argv)
     demo = load_recipe(args.recipe)
+    missing = [k for k in ("teacher", "sentences", "shard_size", "keep_layers") if not demo.get(k)]
+    if missing:
+        raise UserError(
+            f"recipe {args.recipe} has no {', '.join(missing)}: demo.py runs recipes made for it (demo, S2-fast); "
+            f"for S1/S2/S3 rows use `python launchers/reproduce.py {args.recipe} disco`"
+        )
     run_dir = args.run_dir or Path("runs") / demo["label"]
     run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
-    sentences = args.sentences or demo["sentences"]
-    triplets = args.triplets or demo["finetune"].get("max_triplets")
+    sentences = demo["sentences"] if args.sentences is None else args.sentences
+    triplets = demo["finetune"].get("max_triplets") if args.triplets is None else args.triplets
     eval_cache = REPO_ROOT / ".cache" / "eval"
     eval_cache.mkdir(parents=True, exist_ok=True)
     teacher, student, layers = demo["teacher"], demo["student"], [str(i) for i in demo["keep_layers"]]

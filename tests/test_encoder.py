@@ -65,3 +65,12 @@ def test_reads_sentence_transformers_pooling_config(tiny_student, tmp_path):
 def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Encoder.from_pretrained(str(tmp_path / "nope" / "model"))
+
+
+def test_batches_are_ordered_by_token_count_not_characters(tiny_student):
+    """Characters mislead: a long word of unknown characters is one [UNK] token, short words are one each."""
+    encoder = Encoder.from_pretrained(tiny_student)
+    sentences = ["a a a a a a a a", "€€€€€€€€€€€€€€€€€€€€€€€€€€€", "a", "a a a"]
+    lengths = [len(ids) for ids in encoder.tokenizer(sentences)["input_ids"]]
+    assert sorted(range(4), key=lambda i: len(sentences[i])) != sorted(range(4), key=lengths.__getitem__)
+    assert encoder.length_order(sentences) == sorted(range(4), key=lengths.__getitem__)

@@ -30,7 +30,7 @@ def test_the_real_probe_measures_both_rates_in_milliseconds():
 
     start = time.perf_counter()
     decided = precision.resolve_precision("auto", CPU)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # tens of milliseconds alone; generous for a loaded machine
     assert decided.fp32_gflops > 0 and decided.bf16_gflops > 0
     ratio = decided.bf16_gflops / decided.fp32_gflops
     assert decided.bf16 == (ratio >= precision.BF16_MIN_SPEEDUP)
@@ -79,3 +79,19 @@ def test_a_bf16_student_keeps_fp32_weights_and_gives_fp32_embeddings_close_to_fp
     b.sum().backward()
     assert all(p.dtype == torch.float32 for p in bf16.parameters())
     assert all(p.grad.dtype == torch.float32 for p in bf16.parameters() if p.grad is not None)
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from disco_dist.train import run_precision
+
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype: 1.0)  # a probe now would say fp32
+    started = {"name": "bf16", "requested": "auto", "reason": "auto: ...", "fp32_gflops": 1.0, "bf16_gflops": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps({"precision_decision": started}))
+    env = SimpleNamespace(device=CPU)
+    auto = SimpleNamespace(precision="auto")
+    assert run_precision(auto, env, tmp_path, resuming=True).record() == started
+    assert run_precision(auto, env, tmp_path, resuming=False).name == "fp32"  # a new run decides anew
+    assert run_precision(SimpleNamespace(precision="fp32"), env, tmp_path, resuming=True).name == "fp32"
