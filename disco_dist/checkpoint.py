@@ -79,6 +79,11 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             torch.save(extra, partial / "extra.pt")
             (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        from .resilience import lost_peer_error
+
+        lost = lost_peer_error(err, run_dir) if isinstance(err, RuntimeError) else None
+        if lost is not None:  # a collective of the engine's save failed: a peer is gone, not the disk
+            raise lost from None
         # this rank stops here; the launcher (deepspeed, or srun --kill-on-bad-exit) ends the others
         raise RankError(
             f"could not write checkpoint {final.name} ({err}); the unfinished folder {partial.name} is "
