@@ -72,9 +72,11 @@ def evaluate(args) -> Path:
     import torch
 
     from .encoder import Encoder
-    from .evaluate import evaluate_sts, evaluation_record, format_table
+    from .evaluate import TeacherSide, evaluation_record, format_table, score_sts
     from .files import write_json_atomic
+    from .model_card import update_model_card
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = Encoder.from_pretrained(
         args.model,
         pooling=args.pooling,
@@ -82,16 +84,36 @@ def evaluate(args) -> Path:
         keep=args.keep_layers,
         prompt=args.prompt,
         truncate_dim=args.dim,
+        head=not args.no_head,
     )
-    encoder.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder.to(device)
+    teacher = None
+    if args.against_teacher:
+        teacher = TeacherSide(args.against_teacher, args.teacher_cache, args.batch_size, sys.stderr.isatty(), device)
     start = time.time()
-    scores = evaluate_sts(encoder, args.data_root, args.tasks, args.batch_size, progress=sys.stderr.isatty())
-    print(format_table({args.label or args.model: scores}))
-    write_json_atomic(
-        args.out,
-        {**evaluation_record(args.model, encoder, scores, time.time() - start), "keep_layers": args.keep_layers},
+    found = score_sts(
+        encoder, args.data_root, args.tasks, args.batch_size, sys.stderr.isatty(), args.dims or (), teacher
     )
+    label = args.label or args.model
+    rows = {label: found["scores"]}
+    rows.update({f"{label} @{d}": scores for d, scores in found["scores_by_dim"].items()})
+    if teacher is not None:
+        rows[f"{label} vs teacher"] = found["asymmetric"]
+        rows[f"teacher {args.against_teacher}"] = found["teacher_scores"]
+    print(format_table(rows))
+    record = {
+        **evaluation_record(args.model, encoder, found["scores"], time.time() - start),
+        "keep_layers": args.keep_layers,
+        "head": encoder.dense is not None,
+        "dims": encoder.dim,
+        **{key: found[key] for key in ("scores_by_dim", "asymmetric", "teacher_scores") if found.get(key)},
+        "speed": found["speed"],
+    }
+    write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
+    as_saved = not (args.no_head or args.dim or args.pooling or args.max_length or args.keep_layers or args.prompt)
+    if as_saved and update_model_card(args.model, record):
+        print(f"model card {args.model}/README.md updated with these scores")
     return args.out
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import precision, stream
+from . import config_output, precision, stream
 from .errors import UserError
 from .files import DS_CONFIGS
 
@@ -199,6 +199,7 @@ def distill_parser() -> Parser:
         help="lstsq: ridge least-squares fit of student to teacher embeddings on --head-init-samples sentences",
     )
     g.add_argument("--head-init-samples", type=int, default=2000)
+    config_output.add_distill_output_flags(g)
     g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument(
         "--prefill-queue",
@@ -229,6 +230,7 @@ def finetune_parser() -> Parser:
     g.add_argument("--learnable-temperature", action="store_true")
     g.add_argument("--no-hard-negatives", action="store_true", help="positives only as candidates")
     g.add_argument("--lr", type=float, default=5e-5)
+    config_output.add_finetune_output_flags(g)
     return parser
 
 
@@ -317,6 +319,7 @@ def evaluate_parser() -> Parser:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda where there is one, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("eval_sts.json"), help="JSON file to write")
     parser.add_argument("--label", help="row label in the table (default: the model argument)")
+    config_output.add_evaluate_output_flags(parser)
     return parser
 
 
@@ -370,6 +373,7 @@ def check_common(args) -> None:
             raise UserError(
                 "--logit-scale-lr: this run learns no temperature; add --learnable-temperature or drop the flag"
             )
+    config_output.matryoshka_weights(args)
     if args.select == "best" and args.eval_every <= 0:
         raise UserError("--select best needs --eval-every > 0 (the best is chosen by STS-B dev Spearman)")
     from .ds_config import load_ds_config

@@ -118,13 +118,16 @@ def sentence_transformers_settings(folder: Path) -> dict:
     modules = _read_json(folder / "modules.json")
     if modules is not None:
         kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
-        unknown = [kind for kind in kinds if kind not in ("Transformer", "Pooling", "Normalize")]
-        if unknown:
+        unknown = [kind for kind in kinds if kind not in ("Transformer", "Pooling", "Dense", "Normalize")]
+        if unknown or kinds.count("Dense") > 1:
             raise UserError(
-                f"{folder}/modules.json has module(s) {', '.join(unknown)}, which disco-dist does not "
-                "compute (it reads Transformer, Pooling and Normalize)"
+                f"{folder}/modules.json has module(s) {', '.join(unknown or kinds)}, which disco-dist does not "
+                "compute (it reads Transformer, Pooling, one linear Dense and Normalize)"
             )
         settings["normalize"] = "Normalize" in kinds
+        dense = [m for m in modules if m.get("type", "").endswith("Dense")]
+        if dense:
+            settings["dense"] = folder / dense[0]["path"]
     pooling = _read_json(folder / "1_Pooling" / "config.json")
     if pooling:
         settings["pooling"] = _pooling_mode(pooling, folder / "1_Pooling" / "config.json")
@@ -169,11 +172,18 @@ def keep_layers(model: nn.Module, layers: list) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    def __init__(self, model, tokenizer, pooling="mean", normalize=True, max_length=128, prompt="", truncate_dim=None):
+    def __init__(
+        self, model, tokenizer, pooling="mean", normalize=True, max_length=128, prompt="", truncate_dim=None, dense=None
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-        width = model.config.hidden_size
+        if dense is not None and dense.in_features != model.config.hidden_size:
+            raise UserError(
+                f"a Dense head of {dense.in_features} inputs on a model {model.config.hidden_size} wide; "
+                "the folder's head belongs to another model"
+            )
+        width = dense.out_features if dense is not None else model.config.hidden_size
         if truncate_dim is not None and not 0 < truncate_dim <= width:
             raise UserError(f"a truncation to {truncate_dim} dimensions: the model's embeddings have {width}")
         if tokenizer.pad_token is None:  # decoder tokenizers often have none; any token does under the mask
@@ -182,10 +192,17 @@ class Encoder(nn.Module):
         self.pooling, self.normalize, self.max_length = pooling, normalize, int(max_length)
         self.prompt, self.truncate_dim = prompt or "", truncate_dim
         self.unpadded = False  # dense layers on real tokens only (unpadded.py); the student's training turns it on
+        self.dense = dense  # a projection head after the pooling (a sentence-transformers Dense), or None
 
     @property
     def dim(self) -> int:
-        return self.truncate_dim or self.model.config.hidden_size
+        """The width of the embeddings this encoder returns (after its head and truncation, if any)."""
+        return self.truncate_dim or (self.dense.out_features if self.dense is not None else self.width)
+
+    @property
+    def width(self) -> int:
+        """The width of the pooled transformer output (what a head maps from)."""
+        return self.model.config.hidden_size
 
     @classmethod
     def from_pretrained(
@@ -198,11 +215,15 @@ class Encoder(nn.Module):
         model_loader=None,
         prompt=None,
         truncate_dim=None,
+        head=True,
     ):
         """`model_loader(path)` replaces `AutoModel.from_pretrained` (the ZeRO-3 teacher uses it). `prompt`: None
-        takes the folder's default prompt (sentence-transformers' `default_prompt_name`), "" none."""
+        takes the folder's default prompt (sentence-transformers' `default_prompt_name`), "" none. `head`: False
+        leaves out a Dense head the folder has (the encoder's own pooled output)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
+
+        from .dense import read_dense
 
         transformers_logging.disable_progress_bar()  # one bar per rank per load is noise in a training log
         path = resolve_model_path(str(name_or_path))
@@ -227,6 +248,7 @@ class Encoder(nn.Module):
             max_length=min(max_length or settings.get("max_length", tokenizer_max), tokenizer_max),
             prompt=settings.get("prompt", "") if prompt is None else prompt,
             truncate_dim=truncate_dim,
+            dense=read_dense(settings["dense"]) if head and "dense" in settings else None,
         )
 
     def tokenize(self, sentences):
@@ -271,6 +293,8 @@ class Encoder(nn.Module):
         else:
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
         embeddings = self.pool(outputs, attention_mask)
+        if self.dense is not None:
+            embeddings = self.dense(embeddings)
         if self.truncate_dim:
             embeddings = embeddings[:, : self.truncate_dim]
         return F.normalize(embeddings, dim=-1) if (self.normalize if normalize is None else normalize) else embeddings
@@ -298,16 +322,18 @@ class Encoder(nn.Module):
             self.train(was_training)
         return out
 
-    def save(self, folder) -> Path:
+    def save(self, folder, head=None) -> Path:
         """Write a folder that AutoModel and SentenceTransformer both load (atomically: a temporary folder
-        beside it, renamed into place; an existing folder of the same name is replaced only then)."""
+        beside it, renamed into place; an existing folder of the same name is replaced only then). `head`: a
+        linear layer saved as the Dense module in place of the encoder's own (`self.dense`)."""
         folder = Path(folder)
+        head = self.dense if head is None else head
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            self._write_sentence_transformers_files(tmp)
+            self._write_sentence_transformers_files(tmp, head)
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
                 os.replace(folder, old)
@@ -320,20 +346,26 @@ class Encoder(nn.Module):
             raise
         return folder
 
-    def _write_sentence_transformers_files(self, folder: Path) -> None:
+    def _write_sentence_transformers_files(self, folder: Path, head) -> None:
+        from .dense import write_dense
+
+        kinds = ["Transformer", "Pooling"] + (["Dense"] if head is not None else []) + (["Normalize"] * self.normalize)
         modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {
+                "idx": i,
+                "name": str(i),
+                "path": "" if i == 0 else f"{i}_{kind}",
+                "type": f"sentence_transformers.models.{kind}",
+            }
+            for i, kind in enumerate(kinds)
         ]
-        if self.normalize:
-            modules.append(
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-            )
-            (folder / "2_Normalize").mkdir()
-        (folder / "1_Pooling").mkdir()
+        for module in modules[1:]:
+            (folder / module["path"]).mkdir()
+        if head is not None:
+            write_dense(head, folder / modules[2]["path"])
         # sentence-transformers has no "pooler output" mode: it gets [CLS] there, and disco_dist.json keeps the truth
         pooling = {
-            "word_embedding_dimension": self.dim,
+            "word_embedding_dimension": self.width,
             "pooling_mode_cls_token": self.pooling in ("cls", "pooler"),
             "pooling_mode_mean_tokens": self.pooling == "mean",
             "pooling_mode_max_tokens": False,

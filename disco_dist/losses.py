@@ -75,6 +75,19 @@ def sup_contrastive_loss(
     return F.cross_entropy(logits, labels)
 
 
+def matryoshka_loss(loss, outputs, widths) -> torch.Tensor:
+    """Matryoshka representation learning (Kusupati et al., 2022), as sentence-transformers' MatryoshkaLoss
+    applies it: the same loss on the embedding at each width, weighted and summed, so that every prefix of the
+    embedding is usable on its own.
+
+    loss: (embedding, width) -> scalar loss; outputs: one (B, d) tensor per width, widest first, as the model
+    gives that width (its prefix, or the prefix through a head of its own); widths: (width, weight) pairs in the
+    same order. With one width of weight 1 it is the plain loss."""
+    if len(outputs) != len(widths):
+        raise ValueError(f"{len(outputs)} outputs for {len(widths)} widths")
+    return sum(weight * loss(out, width) for out, (width, weight) in zip(outputs, widths))
+
+
 class LogitScale(nn.Module):
     """A learnable positive scalar kept as its log (CLIP-style), clamped when read; or a fixed value."""
 

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     def step(i: int) -> None:
         batch = tokenized[i % len(batches)]
         with torch.profiler.record_function("forward"):
-            out = student(batch["input_ids"], batch["attention_mask"])
+            (out,) = student(batch["input_ids"], batch["attention_mask"])
         with torch.profiler.record_function("loss"):
             loss = ckd_loss(out, targets[i % len(batches)], torch.tensor(20.0), queue, this_rank=0)
         with torch.profiler.record_function("backward"):

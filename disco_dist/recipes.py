@@ -46,9 +46,20 @@ def run_command_logged(name: str, *args, ranks: int = 0, log=print) -> None:
 
 def evaluation(model, out: Path, label: str, extra=()) -> dict:
     """The seven-task scores of `model`, from `out` if it was scored before."""
+    return evaluation_record(model, out, label, extra)["scores"]
+
+
+def evaluation_record(model, out: Path, label: str, extra=()) -> dict:
+    """evaluate.py's whole record for `model` (scores, and what `extra` flags add), from `out` if made before."""
     if not Path(out).exists():
         run_command_logged("evaluate", model, "--out", out, "--label", label, "--batch-size", 128, *extra)
-    return json.loads(Path(out).read_text())["scores"]
+    return json.loads(Path(out).read_text())
+
+
+def has_head(folder: Path) -> bool:
+    """Whether a saved model folder carries a Dense head (distill.py --keep-head)."""
+    modules = Path(folder) / "modules.json"
+    return modules.is_file() and any(m["type"].endswith("Dense") for m in json.loads(modules.read_text()))
 
 
 def load_recipe(name: str, _seen=()) -> dict:
@@ -64,14 +75,18 @@ def load_recipe(name: str, _seen=()) -> dict:
     recipe.setdefault("label", path.stem)
     if "base" in recipe:
         base = load_recipe(recipe["base"], (*_seen, path.resolve()))
+        # a variant that changes only what follows stage 1 reuses its base's stage-1 runs
+        own_stage1 = any(key in recipe for key in ("distill", "student", "keep_layers"))
         recipe = {
             **base,
             **recipe,
             "variant": recipe["label"],
             "student_label": base["student_label"],
-            **{stage: {**base[stage], **recipe.get(stage, {})} for stage in ("distill", "finetune")},
+            "distill_label": recipe["label"] if own_stage1 else base["distill_label"],
+            **{part: {**base.get(part, {}), **recipe.get(part, {})} for part in ("distill", "finetune", "evaluate")},
         }
     recipe.setdefault("student_label", recipe["label"])
+    recipe.setdefault("distill_label", recipe["label"])
     return recipe
 
 
@@ -87,16 +102,21 @@ def flags(options: dict) -> list:
 
 
 class Reproduction:
-    """One student's runs under `<run_root>/<label>/`: distill-mse, distill-ckd, ft-from-init, ft-after-mse,
-    ft-after-ckd, each with its run folder, final model and eval JSON."""
+    """One student's runs under `<run_root>/<label>/` (`.../<label>/seed-N/` for a seed other than 0): distill-mse,
+    distill-ckd, ft-from-init, ft-after-mse, ft-after-ckd, each with its run folder, final model and eval JSON.
+    The seed sets the data order, the head's initialisation sample and the dropout of both stages."""
 
-    def __init__(self, recipe: dict, run_root: Path, shards: Path, ranks: int):
-        self.recipe, self.shards, self.ranks = recipe, Path(shards), ranks
-        self.root = Path(run_root) / recipe["label"]
+    def __init__(self, recipe: dict, run_root: Path, shards: Path, ranks: int, seed: int = 0):
+        self.recipe, self.shards, self.ranks, self.seed = recipe, Path(shards), ranks, seed
+        self.teacher_cache = Path(run_root) / "teacher-sts-{}.pt"  # one per teacher, shared by every recipe
+        seed_dir = f"seed-{seed}" if seed else ""
+        self.root = Path(run_root) / recipe["label"] / seed_dir
+        self.stage1_root = Path(run_root) / recipe["distill_label"] / seed_dir
         self.keep = ["--keep-layers", *recipe["keep_layers"]] if recipe.get("keep_layers") else []
+        self.seeded = ["--seed", seed] if seed else []
 
     def distilled(self, loss: str) -> Path:
-        run_dir = self.root / f"distill-{loss}"
+        run_dir = self.stage1_root / f"distill-{loss}"
         if not (run_dir / "train_summary.json").exists():
             if not (self.shards / "index.json").exists():
                 raise UserError(
@@ -115,6 +135,7 @@ class Reproduction:
                 "--loss",
                 loss,
                 *flags(self.recipe["distill"]),
+                *self.seeded,
                 "--resume",
                 "auto",
                 ranks=self.ranks,
@@ -132,6 +153,7 @@ class Reproduction:
                 "--run-dir",
                 run_dir,
                 *flags(self.recipe["finetune"]),
+                *self.seeded,
                 "--resume",
                 "auto",
                 ranks=self.ranks,
@@ -156,13 +178,29 @@ class Reproduction:
         if method not in METHODS:
             raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
         runs = self.runs(method)
-        label = f"{self.recipe['label']} {method}"
+        label = f"{self.recipe['label']} {method}" + (f" seed {self.seed}" if self.seed else "")
+        options = self.recipe.get("evaluate", {})
+        dims = ["--dims", *options["dims"]] if options.get("dims") else []
+        extra = {}
         if runs:
-            scored = runs[-1] / "eval_sts.json"
-            scores = evaluation(runs[-1] / "final", scored, label)
+            scored, final = runs[-1] / "eval_sts.json", runs[-1] / "final"
+            headed = has_head(final)  # every row's scores are the encoder's own output; the head's come beside
+            record = evaluation_record(final, scored, label, [*dims, *(["--no-head"] if headed else [])])
+            if headed:
+                teacher = options.get("against_teacher")
+                cache = ["--teacher-cache", str(self.teacher_cache).format(teacher)] if teacher else []
+                with_head = evaluation_record(
+                    final, runs[-1] / "eval_sts_head.json", label + " with head", [*dims, *against(teacher), *cache]
+                )
+                extra = {"head_scores": with_head["scores"], "speed": with_head["speed"]}
+                extra.update(
+                    {k: with_head[k] for k in ("asymmetric", "teacher_scores", "scores_by_dim") if k in with_head}
+                )
+                extra = {"with_head": extra}
         else:
             scored = self.root / "init" / "eval_sts.json"
-            scores = evaluation(self.recipe["student"], scored, label, self.keep)
+            record = evaluation_record(self.recipe["student"], scored, label, [*self.keep, *dims])
+        scores = record["scores"]
         summaries = {run_dir: json.loads((run_dir / "train_summary.json").read_text()) for run_dir in runs}
         # the row's wall time from the records of its steps, so a re-run that finds them done does not change it
         seconds = json.loads(scored.read_text())["seconds"] + sum(s["seconds"] for s in summaries.values())
@@ -177,6 +215,11 @@ class Reproduction:
         }
         if "variant" in self.recipe:
             row["variant"] = self.recipe["variant"]
+        if self.seed:
+            row["seed"] = self.seed
+        if record.get("scores_by_dim"):
+            row["scores_by_dim"] = _rounded_scores(record["scores_by_dim"])
+        row.update(_rounded_scores(extra))
         for run_dir, summary in summaries.items():
             config = json.loads((run_dir / "config.json").read_text())
             stage = config["stage"]
@@ -202,6 +245,17 @@ class Reproduction:
                     final_temperature=_rounded(summary.get("temperature"), 4), triplets_max=config["max_triplets"]
                 )
         return row
+
+
+def against(teacher) -> list:
+    return ["--against-teacher", teacher] if teacher else []
+
+
+def _rounded_scores(value):
+    """Scores (nested dicts of floats) rounded to 2 decimals, as the rows keep them."""
+    if isinstance(value, dict):
+        return {key: _rounded_scores(v) for key, v in value.items()}
+    return round(value, 2) if isinstance(value, float) else value
 
 
 def _rounded(value, digits=2):

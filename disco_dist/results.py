@@ -37,7 +37,7 @@ def merge_result_row(path: Path, row: dict) -> None:
     row follows the recipe's own row of that method."""
 
     def key(r):
-        return r["student"], r["method"], r.get("variant", "")
+        return r["student"], r["method"], r.get("variant", ""), r.get("seed", 0)
 
     content = json.loads(Path(path).read_text()) if Path(path).is_file() else {"rows": []}
     rows = [r for r in content["rows"] if key(r) != key(row)]
@@ -48,6 +48,7 @@ def merge_result_row(path: Path, row: dict) -> None:
             order.get(r["student"], 9),
             METHODS.index(r["method"]) if r["method"] in METHODS else 9,
             r.get("variant", ""),
+            r.get("seed", 0),
         )
     )
     write_json_atomic(path, {**content, "rows": rows})

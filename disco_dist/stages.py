@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from . import distributed
+from .config_output import matryoshka_weights
 from .encoder import Encoder
 from .errors import UserError
 from .loader import ShardBatches, TripletBatches
-from .losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
+from .losses import LogitScale, TeacherQueue, ckd_loss, matryoshka_loss, mse_loss, sup_contrastive_loss
 from .shards import iter_shard_samples, read_index, verified_index
 from .teacher import ZeroTeacher
 from .unpadded import supports as supports_unpadded
@@ -27,11 +28,13 @@ class Stage:
         after_step(batch)         after the optimizer step (e.g. push keys into a queue)
         gauges()                  scalars logged with the losses and written to the run summary
         extra() / load_extra(d)   state a checkpoint keeps beside the engine's (e.g. the queue)
+        save_student(folder)      write the model a user gets (the encoder, with `saved_head` if one is kept)
         skipped_shards            shard names left out of the data (reported in the run summary)
     """
 
     name: str
     skipped_shards: tuple = ()
+    saved_head = None  # a head saved with the encoder in place of its own (see Encoder.save)
 
     def batches(self, epoch: int, start: int):
         return self.loader.batches(epoch, start)
@@ -51,23 +54,44 @@ class Stage:
     def load_extra(self, extra: dict) -> None:
         pass
 
+    def save_student(self, folder) -> None:
+        self.student.encoder.save(folder, head=self.saved_head)
+
 
 class Student(nn.Module):
-    """What the engine trains: the encoder, a projection head (stage 1) and the loss's learnable scale."""
+    """What the engine trains: the encoder, a projection head (stage 1) and the loss's learnable scale; with
+    Matryoshka widths `dims` (widest first, the encoder's full width), the prefix of each narrower width
+    through its own head in `prefix_heads` ({width: head}; a width without one is used as is)."""
 
-    def __init__(self, encoder: Encoder, head=None, scale: LogitScale | None = None, bf16=False, unpadded="off"):
+    def __init__(self, encoder: Encoder, head=None, scale=None, bf16=False, unpadded="off", dims=(), prefix_heads=()):
         super().__init__()
         self.encoder, self.head, self.scale, self.bf16 = encoder, head, scale, bf16
+        self.dims = tuple(dims) or (encoder.dim,)
+        if self.dims[0] != encoder.dim or any(not 0 < d < encoder.dim for d in self.dims[1:]):
+            raise UserError(
+                f"--matryoshka-dims {' '.join(map(str, self.dims))}: the widest must be the student's width, "
+                f"{encoder.dim}, the others narrower"
+            )
+        self.prefix_heads = nn.ModuleDict({str(d): h for d, h in dict(prefix_heads).items()})
         # --unpadded auto: the padding-free forward where the architecture has one (BERT family; see unpadded.py)
         encoder.unpadded = unpadded == "auto" and encoder.pooling != "pooler" and supports_unpadded(encoder.model)
 
-    def forward(self, input_ids, attention_mask):
-        """fp32 embeddings, unnormalised (the losses normalise themselves); with bf16, computed under autocast
-        on the fp32 weights (mixed precision: the weights, gradients and losses stay fp32)."""
+    @classmethod
+    def for_run(cls, args, encoder: Encoder, head=None, scale=None, prefix_heads=()) -> "Student":
+        widths = matryoshka_weights(args) or ()
+        return cls(encoder, head, scale, args.precision == "bf16", args.unpadded, [d for d, _ in widths], prefix_heads)
+
+    def forward(self, input_ids, attention_mask) -> tuple:
+        """fp32 embeddings, unnormalised (the losses normalise themselves), one per width of `dims` (one without
+        Matryoshka); with bf16, computed under autocast on the fp32 weights (mixed precision: the weights,
+        gradients and losses stay fp32)."""
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             pooled = self.encoder(input_ids, attention_mask, normalize=False)
-            out = self.head(pooled) if self.head is not None else pooled
-        return out.float()
+            outs = [self.head(pooled) if self.head is not None else pooled]
+            for d in self.dims[1:]:
+                head = self.prefix_heads[str(d)] if str(d) in self.prefix_heads else None
+                outs.append(head(pooled[:, :d]) if head is not None else pooled[:, :d])
+        return tuple(out.float() for out in outs)
 
 
 def head_init_ridge(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, strength: float = 1e-3) -> None:
@@ -110,11 +134,13 @@ class Distill(Stage):
             teacher_dim = self.teacher.dim
         else:
             teacher_dim = index.teacher["dim"]
-        head = self._head(encoder, teacher_dim, index)
+        self.widths = matryoshka_weights(args) or [(encoder.dim, 1.0)]
+        head, prefix_heads = self._heads(encoder, teacher_dim, index)
+        if args.keep_head and head is None:
+            raise UserError("--keep-head: this run has no head (--head none); its student is the teacher's width")
+        self.saved_head = head if args.keep_head else None
         scale = LogitScale(args.logit_scale, learnable=not args.fixed_logit_scale) if args.loss == "ckd" else None
-        self.student = Student(encoder, head, scale, bf16=args.precision == "bf16", unpadded=args.unpadded).to(
-            env.device
-        )
+        self.student = Student.for_run(args, encoder, head, scale, prefix_heads).to(env.device)
         self.queue = TeacherQueue(args.queue_size if args.loss == "ckd" else 0, teacher_dim, device=env.device)
         if args.prefill_queue:  # benchmarks: time a long run's full-queue steps from step 1
             self.queue.push(
@@ -134,28 +160,37 @@ class Distill(Stage):
         self._last_keys = None
         self._teacher_seconds_counted = self.teacher.seconds if self.teacher else 0.0
 
-    def _head(self, encoder: Encoder, teacher_dim: int, index) -> nn.Module | None:
+    def _heads(self, encoder: Encoder, teacher_dim: int, index) -> tuple:
+        """The projection head of the full width (None with --head none) and one per narrower Matryoshka
+        width ({width: head}), each initialised by the ridge fit on its prefix of the student's embeddings."""
         args = self.args
-        if args.head == "none":
-            if encoder.dim != teacher_dim:
-                raise UserError(
-                    f"--head none: the student is {encoder.dim} wide, the teacher {teacher_dim}; "
-                    "use --head linear to project"
-                )
-            return None
-        head = nn.Linear(encoder.dim, teacher_dim)
-        if args.head_init == "lstsq":
+        if args.head == "none" and encoder.dim != teacher_dim:
+            raise UserError(
+                f"--head none: the student is {encoder.dim} wide, the teacher {teacher_dim}; "
+                "use --head linear to project"
+            )
+        widths = [d for d, _ in self.widths[1:]] + ([] if args.head == "none" else [encoder.dim])
+        heads = {d: nn.Linear(d, teacher_dim) for d in widths}
+        if args.head_init == "lstsq" and heads:
             texts, targets = self._head_samples(index)
-            head_init_ridge(head, encoder.encode(texts, batch_size=128, normalize=False), targets)
-        return head
+            features = encoder.encode(texts, batch_size=128, normalize=False)
+            for d, head in heads.items():
+                head_init_ridge(head, features[:, :d], targets)
+        return heads.pop(encoder.dim, None), heads
 
     def _head_samples(self, index):
-        """The first N sentences of the shards (the same on every rank) and their teacher embeddings."""
-        samples = []
-        for text, teacher in iter_shard_samples(index):
-            samples.append((text, teacher))
-            if len(samples) == self.args.head_init_samples:
+        """N sentences of the shards (the same on every rank) and their teacher embeddings: the first N with
+        seed 0, the N after the first seed x N with another seed (the first N if the shards hold too few)."""
+        wanted, skip = self.args.head_init_samples, self.args.head_init_samples * self.args.seed
+        samples, first = [], []
+        for position, (text, teacher) in enumerate(iter_shard_samples(index)):
+            if position < wanted:
+                first.append((text, teacher))
+            if position >= skip:
+                samples.append((text, teacher))
+            if len(samples) == wanted:
                 break
+        samples = samples if len(samples) == wanted else first
         texts = [t for t, _ in samples]
         if self.teacher is not None:
             return texts, self.teacher.embed(texts)  # every rank embeds the same sentences: equal forwards
@@ -203,17 +238,23 @@ class Distill(Stage):
     def loss(self, engine, batch, stopwatch):
         device = self.env.device
         teacher = batch["teacher"].to(device)
-        student = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        terms = {}
+        outputs = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         if self.args.loss == "ckd":
             with stopwatch.timing("comm"):
                 self._last_keys = distributed.all_gather_no_grad(teacher)
-            terms["ckd"] = ckd_loss(student, self._last_keys, engine.module.scale(), self.queue.negatives())
-            if self.args.mse_weight:
-                terms["mse"] = mse_loss(student, teacher)
-            total = terms["ckd"] + self.args.mse_weight * terms.get("mse", 0.0)
-        else:
-            terms["mse"] = total = mse_loss(student, teacher)
+        terms = {}
+
+        def plain_loss(student, width):  # the loss of one width's output; its terms logged by name (and width)
+            found = {}
+            if self.args.loss == "ckd":
+                found["ckd"] = ckd_loss(student, self._last_keys, engine.module.scale(), self.queue.negatives())
+            if self.args.loss == "mse" or self.args.mse_weight:
+                found["mse"] = mse_loss(student, teacher)
+            suffix = f"@{width}" if len(self.widths) > 1 else ""
+            terms.update({f"{name}{suffix}": value for name, value in found.items()})
+            return found.get("ckd", 0.0) + (self.args.mse_weight if "ckd" in found else 1.0) * found.get("mse", 0.0)
+
+        total = matryoshka_loss(plain_loss, outputs, self.widths)
         if self.teacher is not None:  # the teacher ran ahead, in `batches`; count its time where it is used
             stopwatch.add("teacher", self.teacher.seconds - self._teacher_seconds_counted)
             self._teacher_seconds_counted = self.teacher.seconds
@@ -256,10 +297,12 @@ class Finetune(Stage):
         if args.max_triplets:
             triplets = tuple(column[: args.max_triplets] for column in triplets)
         encoder = Encoder.from_pretrained(args.student, max_length=args.max_length, keep=args.keep_layers)
+        if encoder.dense is not None and args.student_head != "through":  # see config_output.STUDENT_HEAD
+            self.saved_head = encoder.dense.requires_grad_(False) if args.student_head == "frozen" else None
+            encoder.dense = None
+        self.widths = matryoshka_weights(args) or [(encoder.dim, 1.0)]
         scale = LogitScale(1.0 / args.temperature, learnable=args.learnable_temperature)
-        self.student = Student(encoder, None, scale, bf16=args.precision == "bf16", unpadded=args.unpadded).to(
-            env.device
-        )
+        self.student = Student.for_run(args, encoder, None, scale).to(env.device)
         self.loader = TripletBatches(triplets, args.batch_size, env.rank, env.world_size, self.collate, seed=args.seed)
 
     def collate(self, anchors, positives, negatives):
@@ -275,18 +318,23 @@ class Finetune(Stage):
 
     def loss(self, engine, batch, stopwatch):
         device = self.env.device
-        embeddings = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        size = batch["size"]
-        anchor, positive = embeddings[:size], embeddings[size : 2 * size]
-        negative = None if self.args.no_hard_negatives else embeddings[2 * size :]
-        loss = sup_contrastive_loss(
-            anchor,
-            positive,
-            negative,
-            1.0 / engine.module.scale(),
-            gather=stopwatch.timed("comm", distributed.all_gather_with_grad),
-        )
-        return loss, {"sup_contrastive": loss}
+        outputs = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        size, terms = batch["size"], {}
+
+        def plain_loss(embeddings, width):
+            negative = None if self.args.no_hard_negatives else embeddings[2 * size :]
+            terms[f"sup_contrastive@{width}" if len(self.widths) > 1 else "sup_contrastive"] = loss = (
+                sup_contrastive_loss(
+                    embeddings[:size],
+                    embeddings[size : 2 * size],
+                    negative,
+                    1.0 / engine.module.scale(),
+                    gather=stopwatch.timed("comm", distributed.all_gather_with_grad),
+                )
+            )
+            return loss
+
+        return matryoshka_loss(plain_loss, outputs, self.widths), terms
 
     def gauges(self) -> dict:
         return {"temperature": float(1.0 / self.student.scale().detach())}

@@ -23,6 +23,7 @@ from .errors import UserError
 from .evaluate import stsb_dev_spearman
 from .files import write_json_atomic
 from .metrics import Metrics, SampleLog, Stopwatch
+from .model_card import write_model_card
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
 from .resilience import InjectedFaults, PeerWatch, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
@@ -189,23 +190,22 @@ def train(args, stage_class) -> Path:
     checkpoint_now()
     final = run_dir / "final"
     if env.is_main and (args.select == "last" or not final.exists()):
-        stage.student.encoder.save(final)
+        stage.save_student(final)
     if env.is_main:
-        write_json_atomic(
-            run_dir / "train_summary.json",
-            {
-                "steps": state.step,
-                "epochs_started": state.epoch + 1,
-                "best_dev": state.best_dev,
-                "final_model": str(final),
-                "world_size": env.world_size,
-                "skipped_nonfinite_steps": state.skipped,
-                "skipped_bad_shards": list(stage.skipped_shards),
-                **stage.gauges(),
-                "seconds": run_seconds(),
-                **_peak_gpu_memory(env.device),
-            },
-        )
+        summary = {
+            "steps": state.step,
+            "epochs_started": state.epoch + 1,
+            "best_dev": state.best_dev,
+            "final_model": str(final),
+            "world_size": env.world_size,
+            "skipped_nonfinite_steps": state.skipped,
+            "skipped_bad_shards": list(stage.skipped_shards),
+            **stage.gauges(),
+            "seconds": run_seconds(),
+            **_peak_gpu_memory(env.device),
+        }
+        write_json_atomic(run_dir / "train_summary.json", summary)
+        write_model_card(final, stage.name, args, summary)
         print(f"finished: {state.step} steps; final model {final}", flush=True)
     metrics.close()
     if sample_log:
@@ -233,7 +233,7 @@ def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: P
         metrics.scalar("eval/stsb_dev_spearman", score, state.step)
         if args.select == "best" and (state.best_dev is None or score > state.best_dev):
             state.best_dev = score
-            stage.student.encoder.save(run_dir / "final")
+            stage.save_student(run_dir / "final")
             metrics.scalar("eval/best_stsb_dev_spearman", score, state.step)
     state.best_dev = distributed.broadcast_object(state.best_dev)
     distributed.barrier()

@@ -42,6 +42,13 @@ def main(argv=None):
         help=f"teacher-cached shards for stage 1 (default {DEFAULT_SHARDS})",
     )
     parser.add_argument("--run-root", type=Path, default=Path("runs") / "reproduce")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed (data order, head init sample, dropout); runs of a seed "
+        "other than 0 go to <run-root>/<recipe>/seed-N/ and their rows carry the seed",
+    )
     parser.add_argument("--ranks", type=int, default=2, help="ranks (CPU processes or GPUs) per training run")
     parser.add_argument("--teacher", default="all-mpnet-base-v2", help="for the speed comparison")
     parser.add_argument("--results", type=Path, default=Path("docs") / "results.json")
@@ -60,7 +67,7 @@ def main(argv=None):
 
         record_encode_speed(recipe, args.teacher, args.results, command)
         return
-    row = Reproduction(recipe, args.run_root, args.shards, args.ranks).row(args.method, command)
+    row = Reproduction(recipe, args.run_root, args.shards, args.ranks, args.seed).row(args.method, command)
     merge_result_row(args.results, row)
     print(f"{row['student']} {row['method']}: avg {row['scores']['avg']} -> recorded in {args.results}")
 

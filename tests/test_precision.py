@@ -71,8 +71,8 @@ def test_a_bf16_student_keeps_fp32_weights_and_gives_fp32_embeddings_close_to_fp
     bf16 = Student(Encoder.from_pretrained(tiny_student), head, bf16=True)
     fp32.eval(), bf16.eval()
     batch = fp32.encoder.tokenize(PROBE_SENTENCES)
-    a = fp32(batch["input_ids"], batch["attention_mask"])
-    b = bf16(batch["input_ids"], batch["attention_mask"])
+    (a,) = fp32(batch["input_ids"], batch["attention_mask"])
+    (b,) = bf16(batch["input_ids"], batch["attention_mask"])
     assert a.dtype == b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b.detach()).min() > 0.99
     assert not torch.equal(a, b)  # it did compute in bf16
