@@ -108,6 +108,8 @@ def results_markdown(content: dict) -> str:
         "|" + "---|" * (len(TASKS) + 8),
     ]
     for r in rows:
+        if r.get("seed"):
+            continue  # in the seeds table below
         delta = r["scores"]["avg"] - init_avg[r["student"]] if r["student"] in init_avg else None
         distill, finetune = r.get("distill"), r.get("finetune")
         stage1 = f"{distill['steps']}, {_minutes(distill['seconds'])}" if distill else ""
@@ -145,6 +147,7 @@ def results_markdown(content: dict) -> str:
             f"{run['batch_size_per_rank'] * run['world_size']} | {run['steps']} | {data} | "
             f"{run['best_stsb_dev']} | {final} | {_minutes(run['seconds'])} |"
         )
+    lines += head_table(rows) + matryoshka_table(rows) + seeds_table(rows)
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [
         f"| {what} | {value:.2f} | {goal} | {'yes' if met else '**no**'} |" for what, value, goal, met in targets(rows)
@@ -161,3 +164,96 @@ def results_markdown(content: dict) -> str:
             for s in content["speed"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def _row_name(r: dict) -> str:
+    return f"{r['student']} {METHOD_NAMES.get(r['method'], r['method'])}" + (
+        f" ({r['variant']})" if "variant" in r else ""
+    )
+
+
+def head_table(rows: list) -> list:
+    """Students saved with their head: the encoder's own output, through the head, and against the teacher."""
+    found = [r for r in rows if "with_head" in r and not r.get("seed")]
+    if not found:
+        return []
+    lines = [
+        "",
+        "| row | own output (symmetric) | through the head (symmetric) | against the teacher (asymmetric) "
+        "| asymmetric − symmetric | teacher | student / teacher sent/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        head = r["with_head"]
+        asym = head.get("asymmetric", {}).get("avg")
+        teacher = head.get("teacher_scores", {}).get("avg")
+        speed = head.get("speed", {})
+        rate = (
+            f"{speed['sentences_per_s']} / {speed['teacher_sentences_per_s']}"
+            if "teacher_sentences_per_s" in speed
+            else ""
+        )
+        symmetric = head["head_scores"]["avg"]
+        lines.append(
+            f"| {_row_name(r)} | {r['scores']['avg']:.2f} | {symmetric:.2f} | "
+            f"{'' if asym is None else f'**{asym:.2f}**'} | {'' if asym is None else f'{asym - symmetric:+.2f}'} | "
+            f"{'' if teacher is None else f'{teacher:.2f}'} | {rate} |"
+        )
+    return lines
+
+
+def matryoshka_table(rows: list) -> list:
+    """7-task averages at each scored width (the first N dimensions, re-normalised)."""
+    found = [r for r in rows if r.get("scores_by_dim") and not r.get("seed")]
+    if not found:
+        return []
+    widths = sorted({int(d) for r in found for d in r["scores_by_dim"]}, reverse=True)
+    lines = ["", "| row | " + " | ".join(f"avg @{d}" for d in widths) + " |", "|---" * (len(widths) + 1) + "|"]
+    for r in found:
+        by_dim = {int(d): v["avg"] for d, v in r["scores_by_dim"].items()}
+        lines.append(
+            f"| {_row_name(r)} | " + " | ".join(f"{by_dim[d]:.2f}" if d in by_dim else "" for d in widths) + " |"
+        )
+    return lines
+
+
+def seeds_table(rows: list) -> list:
+    """Rows run with several seeds: mean ± sd of the 7-task average (and of the asymmetric one), and the paired
+    difference of CKD and MSE-KD (stage 1, and after fine-tuning) seed by seed."""
+    import statistics
+
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["method"], r.get("variant", "")), {})[r.get("seed", 0)] = r
+    seeded = {key: by_seed for key, by_seed in groups.items() if len(by_seed) > 1}
+    if not seeded:
+        return []
+
+    def spread(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+
+    lines = ["", "| row | seeds | avg per seed | mean ± sd | asymmetric mean ± sd |", "|---|---|---|---|---|"]
+    for by_seed in seeded.values():
+        seeds = sorted(by_seed)
+        avgs = [by_seed[s]["scores"]["avg"] for s in seeds]
+        asym = [
+            by_seed[s]["with_head"]["asymmetric"]["avg"]
+            for s in seeds
+            if "asymmetric" in by_seed[s].get("with_head", {})
+        ]
+        lines.append(
+            f"| {_row_name(by_seed[seeds[0]])} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.2f}' for a in avgs)} "
+            f"| **{spread(avgs)}** | {spread(asym)} |"
+        )
+    lines += ["", "| paired difference (same seed) | seeds | per seed | mean ± sd |", "|---|---|---|---|"]
+    for student, variant in sorted({(k[0], k[2]) for k in seeded}):
+        for ckd, mse in (("ckd", "mse"), ("disco", "mse+ft")):
+            a, b = groups.get((student, ckd, variant), {}), groups.get((student, mse, variant), {})
+            seeds = sorted(set(a) & set(b))
+            if len(seeds) < 2:
+                continue
+            diffs = [a[s]["scores"]["avg"] - b[s]["scores"]["avg"] for s in seeds]
+            name = f"{student}{f' ({variant})' if variant else ''} {METHOD_NAMES[ckd]} − {METHOD_NAMES[mse]}"
+            per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+            lines.append(f"| {name} | {', '.join(map(str, seeds))} | {per_seed} | **{spread(diffs)}** |")
+    return lines

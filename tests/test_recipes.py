@@ -204,3 +204,45 @@ def test_a_zero_in_a_recipe_is_passed_as_a_flag_value():
         0.0,
     ]
     assert flags({"fixed_logit_scale": True, "keep_layers": [0, 2]}) == ["--fixed-logit-scale", "--keep-layers", 0, 2]
+
+
+def test_a_variant_that_changes_only_fine_tuning_reuses_its_bases_stage_one_and_seeds_have_their_own_folders(tmp_path):
+    from disco_dist.recipes import Reproduction
+
+    through = Reproduction(load_recipe("S2-40k-through"), tmp_path, tmp_path / "shards", 2)
+    assert through.stage1_root == tmp_path / "S2-40k" and through.root == tmp_path / "S2-40k-through"
+    seeded = Reproduction(load_recipe("S2-40k"), tmp_path, tmp_path / "shards", 2, seed=2)
+    assert seeded.root == seeded.stage1_root == tmp_path / "S2-40k" / "seed-2"
+    assert seeded.seeded == ["--seed", 2]
+    # a variant with flags of its own for stage 1 runs it itself
+    assert Reproduction(load_recipe("S2-40k-scale10"), tmp_path, tmp_path, 2).stage1_root == tmp_path / "S2-40k-scale10"
+
+
+def test_seeded_rows_are_kept_apart_and_tabled_as_mean_sd_with_paired_differences(tmp_path):
+    results = tmp_path / "results.json"
+    averages = {"ckd": (77.0, 77.6, 76.9), "mse": (76.5, 76.4, 76.8)}
+    for method, values in averages.items():
+        for seed, avg in enumerate(values):
+            merge_result_row(results, row("S2", method, avg, variant="S2-40k", **({"seed": seed} if seed else {})))
+    content = json.loads(results.read_text())
+    assert len(content["rows"]) == 6
+    table = results_markdown(content)
+    main = table.split("\n\n")[0]
+    assert main.count("variant S2-40k") == 2  # seed 0 only in the main table
+    ckd_line = next(line for line in table.splitlines() if line.startswith("| S2 CKD (S2-40k) | 0, 1, 2 |"))
+    assert "77.00, 77.60, 76.90" in ckd_line and "**77.17 ± 0.38**" in ckd_line
+    diff = next(line for line in table.splitlines() if line.startswith("| S2 (S2-40k) CKD − MSE-KD |"))
+    # +0.50, +1.20, +0.10: mean 0.60, sd 0.56
+    assert "+0.50, +1.20, +0.10" in diff and "**0.60 ± 0.56**" in diff
+
+
+def test_head_and_width_tables_show_what_a_row_recorded(tmp_path):
+    results = tmp_path / "results.json"
+    with_head = {"head_scores": {"avg": 78.0}, "asymmetric": {"avg": 77.7}, "teacher_scores": {"avg": 80.53},
+                 "speed": {"sentences_per_s": 900.0, "teacher_sentences_per_s": 60.0}}  # fmt: skip
+    by_dim = {"384": {"avg": 80.0}, "128": {"avg": 79.1}}
+    merge_result_row(results, row("S1", "disco", 80.0, variant="S1-40k", with_head=with_head, scores_by_dim=by_dim))
+    table = results_markdown(json.loads(results.read_text()))
+    assert "| S1 CKD + FT (DisCo) (S1-40k) | 80.00 | 78.00 | **77.70** | -0.30 | 80.53 | 900.0 / 60.0 |" in table
+    assert "| row | avg @384 | avg @128 |" in table
+    assert "| S1 CKD + FT (DisCo) (S1-40k) | 80.00 | 79.10 |" in table
