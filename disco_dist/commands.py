@@ -75,6 +75,7 @@ def evaluate(args) -> Path:
     from .evaluate import TeacherSide, evaluation_record, format_table, score_sts
     from .files import write_json_atomic
     from .model_card import update_model_card
+    from .results import hardware
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = Encoder.from_pretrained(
@@ -108,6 +109,7 @@ def evaluate(args) -> Path:
         "dims": encoder.dim,
         **{key: found[key] for key in ("scores_by_dim", "asymmetric", "teacher_scores") if found.get(key)},
         "speed": found["speed"],
+        "hardware": hardware(),
     }
     write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
