@@ -190,12 +190,10 @@ class Reproduction:
                 teacher = options.get("against_teacher")
                 cache = ["--teacher-cache", str(self.teacher_cache).format(teacher)] if teacher else []
                 with_head = evaluation_record(
-                    final, runs[-1] / "eval_sts_head.json", label + " with head", [*dims, *against(teacher), *cache]
+                    final, runs[-1] / "eval_sts_head.json", label + " with head", [*against(teacher), *cache]
                 )
                 extra = {"head_scores": with_head["scores"], "speed": with_head["speed"]}
-                extra.update(
-                    {k: with_head[k] for k in ("asymmetric", "teacher_scores", "scores_by_dim") if k in with_head}
-                )
+                extra.update({k: with_head[k] for k in ("asymmetric", "teacher_scores") if k in with_head})
                 extra = {"with_head": extra}
         else:
             scored = self.root / "init" / "eval_sts.json"

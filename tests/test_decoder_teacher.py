@@ -172,10 +172,20 @@ def test_cache_pass_on_two_ranks_equals_sentence_transformers_and_a_one_rank_pas
                 "modules.json": [
                     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                    {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"},
+                ]
+            },
+            "module(s) LayerNorm",
+        ),
+        (
+            {
+                "modules.json": [
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                     {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
                 ]
             },
-            "module(s) Dense",
+            "2_Dense: not a readable Dense module",
         ),
     ],
 )
