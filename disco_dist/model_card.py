@@ -144,7 +144,7 @@ def render(folder) -> Path:
     teacher = next((s["teacher"] for s in facts["stages"] if s.get("teacher")), None)
     layers = f"layers {', '.join(map(str, first['keep_layers']))} of " if first.get("keep_layers") else ""
     parts = [
-        f"# {folder.parent.name}/{folder.name}: a DisCo student of {teacher or 'a teacher'}",
+        f"# A DisCo student of {teacher or 'a teacher'}: {layers}{first['started_from']}",
         f"A sentence-embedding model made by disco-dist with the DisCo method: "
         f"{config['num_hidden_layers']} transformer layers ({layers}{first['started_from']}), "
         f"{'distilled from ' + teacher + ' on unlabelled sentences' if teacher else 'trained'}"
@@ -168,6 +168,7 @@ def render(folder) -> Path:
     ]
     evaluation = facts.get("evaluation")
     if evaluation:
+        teacher = evaluation.get("speed", {}).get("teacher") or teacher
         rows = {"this model": evaluation["scores"]}
         if "asymmetric" in evaluation:
             rows["this model against the teacher (one side each)"] = evaluation["asymmetric"]
@@ -190,7 +191,8 @@ def render(folder) -> Path:
         speed = evaluation.get("speed", {})
         if "teacher_sentences_per_s" in speed:
             parts.append(
-                f"Speed on the same STS sentences and machine: {speed['sentences_per_s']} sentences/s against the "
+                "Speed on the STS sentences, as `evaluate.py` timed it (the teacher when its embeddings were cached; "
+                f"a busy machine slows either): {speed['sentences_per_s']} sentences/s against the "
                 f"teacher's {speed['teacher_sentences_per_s']} "
                 f"({speed['sentences_per_s'] / speed['teacher_sentences_per_s']:.1f}x)."
             )
@@ -201,16 +203,36 @@ def render(folder) -> Path:
 
 
 def _stages_table(stages: list) -> str:
-    keys = (
-        "stage started_from teacher data loss logit_scale queue_size temperature lr batch_size ranks epochs steps "
-        "precision matryoshka_dims seed best_stsb_dev seconds hardware finished"
-    ).split()
+    keys = {
+        "stage": "stage",
+        "started_from": "started from",
+        "teacher": "teacher",
+        "data": "data",
+        "loss": "loss",
+        "logit_scale": "final logit scale",
+        "queue_size": "queue of teacher embeddings",
+        "temperature": "temperature",
+        "head_kept": "projection head kept",
+        "student_head": "head in fine-tuning",
+        "lr": "learning rate",
+        "batch_size": "global batch",
+        "ranks": "ranks",
+        "epochs": "epochs",
+        "steps": "steps",
+        "precision": "precision",
+        "matryoshka_dims": "Matryoshka widths",
+        "seed": "seed",
+        "best_stsb_dev": "best STS-B dev (selects the model)",
+        "seconds": "wall time (s)",
+        "hardware": "hardware",
+        "finished": "finished",
+    }
     lines = ["| | " + " | ".join(f"stage {i + 1}" for i in range(len(stages))) + " |"]
     lines.append("|---" * (len(stages) + 1) + "|")
-    for key in keys:
+    for key, name in keys.items():
         values = [s.get(key) for s in stages]
         if any(v not in (None, False, []) for v in values):
-            lines.append(f"| {key} | " + " | ".join("–" if v is None else str(v) for v in values) + " |")
+            lines.append(f"| {name} | " + " | ".join("–" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)
 
 
