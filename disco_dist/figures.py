@@ -40,9 +40,12 @@ def _label(row: dict) -> str:
 
 def draw_dev_curves(rows: list, out: Path, log=print) -> Path | None:
     curves = {}  # student -> {label: {step: score}}, stage 1 then fine-tuning (its steps offset by stage 1's)
+    continued = {r["distill"]["run_dir"] for r in rows if "distill" in r and "finetune" in r}
     for r in rows:
         if r.get("seed") or "distill" not in r and "finetune" not in r:
             continue
+        if "finetune" not in r and r["distill"]["run_dir"] in continued:
+            continue  # its curve is the first part of the fine-tuned row's
         stage1 = dev_curves(r["distill"]["run_dir"]) if "distill" in r else {}
         stage2 = dev_curves(r["finetune"]["run_dir"]) if "finetune" in r else {}
         if (r.get("distill") and not stage1) or (r.get("finetune") and not stage2):
@@ -58,7 +61,9 @@ def draw_dev_curves(rows: list, out: Path, log=print) -> Path | None:
         for label, points in sorted(by_label.items()):
             steps = sorted(points)
             ax.plot(steps, [points[s] for s in steps], marker="o", markersize=3, label=label)
-        ax.set(title=f"{student}: STS-B dev during training", xlabel="step (fine-tuning after stage 1's steps)")
+        ax.set(
+            title=f"{student}: STS-B dev during training", xlabel="step (stage 1, then fine-tuning's steps after it)"
+        )
         ax.set_ylabel("STS-B dev Spearman x 100")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -129,6 +134,7 @@ def draw_matryoshka(rows: list, out: Path, log=print) -> Path | None:
     ax.set(xscale="log", xlabel="embedding width (first N dimensions)", ylabel="7-task avg")
     ax.set_xticks(sorted({int(d) for r in found for d in r["scores_by_dim"]}))
     ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_locator(plt.matplotlib.ticker.NullLocator())
     ax.set_title("Matryoshka: quality at each width")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
