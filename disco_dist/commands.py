@@ -113,7 +113,8 @@ def evaluate(args) -> Path:
     }
     write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
-    as_saved = not (args.no_head or args.dim or args.pooling or args.max_length or args.keep_layers or args.prompt)
+    as_saved = not (args.no_head or args.dim or args.pooling or args.max_length or args.keep_layers)
+    as_saved = as_saved and args.prompt is None
     if as_saved and update_model_card(args.model, record):
         print(f"model card {args.model}/README.md updated with these scores")
     return args.out

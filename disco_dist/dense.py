@@ -27,7 +27,7 @@ def read_dense(folder: Path) -> nn.Linear:
         weights = load_file(folder / "model.safetensors")
     except (OSError, ValueError) as err:
         raise UserError(f"{folder}: not a readable Dense module ({err}); save the model again") from None
-    activation = config.get("activation_function", IDENTITY)
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
     if activation != IDENTITY or config.get("use_residual"):
         raise UserError(
             f"{config_path}: a Dense module with activation {activation}"

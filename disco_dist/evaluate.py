@@ -67,6 +67,14 @@ def score_sts(encoder, data_root=None, tasks=tuple(TASKS), batch_size=64, progre
     teacher_scores  the teacher's own scores (both sides by the teacher), a check on its cached embeddings
     speed           sentences per second of the encoder (and of the teacher) over these sentences
     """
+    bad = [d for d in dims if not 0 < d <= encoder.dim]
+    if bad:
+        raise UserError(f"--dims {' '.join(map(str, bad))}: the model's embeddings have {encoder.dim} dimensions")
+    if dims and encoder.dense is not None:
+        raise UserError(
+            "--dims on a model with a Dense head would cut the head's output, which no width was trained for; "
+            "add --no-head to score widths of the encoder's own output"
+        )
     out = {"scores": {}, "scores_by_dim": {d: {} for d in dims}}
     if teacher is not None:
         out.update(asymmetric={}, teacher_scores={})

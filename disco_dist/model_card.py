@@ -34,8 +34,9 @@ def hub_id(name_or_path) -> str:
     return f"sentence-transformers/{name}" if name in MODELS else str(name_or_path)
 
 
-def stage_record(stage: str, args, summary: dict) -> dict:
-    """What one finished training stage did, for the card: from its flags and its train_summary."""
+def stage_record(stage: str, args, summary: dict, used: dict | None = None) -> dict:
+    """What one finished training stage did, for the card: from its flags, its train_summary and what the stage
+    says it used (`used`: the teacher it learned from and the data it read, e.g. remote shards)."""
     from .results import hardware
 
     record = {
@@ -56,12 +57,16 @@ def stage_record(stage: str, args, summary: dict) -> dict:
         "finished": time.strftime("%Y-%m-%d"),
     }
     if stage == "distill":
+        used = used or {}
         index_file = Path(str(args.shards)) / "index.json"
         index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        teacher = (index.get("teacher") or {}).get("model", args.teacher)
+        teacher = used.get("teacher") or (index.get("teacher") or {}).get("model", args.teacher)
+        data = used.get("data") or (
+            f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(args.shards)
+        )
         record.update(
             teacher=hub_id(teacher),
-            data=f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(args.shards),
+            data=data,
             loss=args.loss,
             logit_scale=None if args.loss != "ckd" else round(summary.get("logit_scale", args.logit_scale), 2),
             queue_size=args.queue_size if args.loss == "ckd" else None,
@@ -77,12 +82,12 @@ def stage_record(stage: str, args, summary: dict) -> dict:
     return record
 
 
-def write_model_card(folder: Path, stage: str, args, summary: dict) -> None:
+def write_model_card(folder: Path, stage: str, args, summary: dict, used: dict | None = None) -> None:
     """Record this stage (after the start model's stages, if it has a card) and render the card."""
     folder = Path(folder)
     start = Path(str(args.student)) / FACTS
     stages = json.loads(start.read_text())["stages"] if start.is_file() else []
-    facts = {"stages": [*stages, stage_record(stage, args, summary)]}
+    facts = {"stages": [*stages, stage_record(stage, args, summary, used)]}
     write_json_atomic(folder / FACTS, facts)
     render(folder)
 
@@ -141,11 +146,24 @@ def render(folder) -> Path:
     width = json.loads((folder / dense / "config.json").read_text())["out_features"] if dense else config["hidden_size"]
     first = facts["stages"][0]
     finetuned = any(s["stage"] == "finetune" for s in facts["stages"])
+    losses = {s.get("loss") for s in facts["stages"] if s["stage"] == "distill"}
+    method = (
+        ("A DisCo", "the DisCo method: contrastive knowledge distillation, then contrastive fine-tuning")
+        if "ckd" in losses and finetuned
+        else ("A CKD", "contrastive knowledge distillation")
+        if "ckd" in losses
+        else (
+            "An MSE-KD",
+            "knowledge distillation by mean squared error" + (", then contrastive fine-tuning" if finetuned else ""),
+        )
+        if losses
+        else ("A fine-tuned", "contrastive fine-tuning")
+    )
     teacher = next((s["teacher"] for s in facts["stages"] if s.get("teacher")), None)
     layers = f"layers {', '.join(map(str, first['keep_layers']))} of " if first.get("keep_layers") else ""
     parts = [
-        f"# A DisCo student of {teacher or 'a teacher'}: {layers}{first['started_from']}",
-        f"A sentence-embedding model made by disco-dist with the DisCo method: "
+        f"# {method[0]} student{' of ' + teacher if teacher else ''}: {layers}{first['started_from']}",
+        f"A sentence-embedding model made by disco-dist ({method[1]}): "
         f"{config['num_hidden_layers']} transformer layers ({layers}{first['started_from']}), "
         f"{'distilled from ' + teacher + ' on unlabelled sentences' if teacher else 'trained'}"
         f"{', then fine-tuned contrastively on NLI triplets' if finetuned else ''}. "

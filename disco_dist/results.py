@@ -75,7 +75,7 @@ def targets(rows: list, recipe_targets_: list | None = None) -> list:
     reach G plus X, where G is a number, another method of the same student ("mse") or another student's row
     ("teacher init"). Targets with a label of their own come first. Judged on the recipes' own rows: a
     variant's row is shown beside them, never counted for them."""
-    avg = {(r["student"], r["method"]): r["scores"]["avg"] for r in rows if "variant" not in r}
+    avg = {(r["student"], r["method"]): r["scores"]["avg"] for r in rows if "variant" not in r and not r.get("seed")}
     found = recipe_targets() if recipe_targets_ is None else recipe_targets_
     checks = []
     for student, target in sorted(found, key=lambda pair: "what" not in pair[1]):

@@ -5,6 +5,8 @@ or CKD with negatives gathered from every rank and a queue; the teacher is cache
 online under ZeRO-3. `Finetune` (stage 2): supervised SimCSE on NLI triplets.
 """
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +58,10 @@ class Stage:
 
     def save_student(self, folder) -> None:
         self.student.encoder.save(folder, head=self.saved_head)
+
+    def used(self) -> dict:
+        """What the saved model's card should say this stage learned from (see model_card.stage_record)."""
+        return {}
 
 
 class Student(nn.Module):
@@ -118,7 +124,7 @@ class Distill(Stage):
     def __init__(self, args, env):
         self.args, self.env = args, env
         index = verified_index(read_index(args.shards), env.rank, env.world_size, args.bad_shards)
-        self.skipped_shards = index.skipped
+        self.skipped_shards, self.index = index.skipped, index
         mode = args.teacher_mode if args.teacher_mode != "auto" else ("cached" if index.teacher else "online")
         if mode == "cached" and not index.teacher:
             raise UserError(
@@ -136,8 +142,12 @@ class Distill(Stage):
             teacher_dim = index.teacher["dim"]
         self.widths = matryoshka_weights(args) or [(encoder.dim, 1.0)]
         head, prefix_heads = self._heads(encoder, teacher_dim, index)
-        if args.keep_head and head is None:
-            raise UserError("--keep-head: this run has no head (--head none); its student is the teacher's width")
+        if args.keep_head and (head is None or encoder.dense is not None):
+            raise UserError(
+                "--keep-head: this run has no head of its own to keep (--head none)"
+                if head is None
+                else f"--keep-head: the student {args.student} already has a Dense head; start from its encoder alone"
+            )
         self.saved_head = head if args.keep_head else None
         scale = LogitScale(args.logit_scale, learnable=not args.fixed_logit_scale) if args.loss == "ckd" else None
         self.student = Student.for_run(args, encoder, head, scale, prefix_heads).to(env.device)
@@ -264,6 +274,11 @@ class Distill(Stage):
         if self._last_keys is not None:
             self.queue.push(self._last_keys)  # after the loss: a batch is never its own negative
             self._last_keys = None
+
+    def used(self) -> dict:
+        teacher = self.teacher.describe()["model"] if self.teacher is not None else self.index.teacher["model"]
+        source = Path(str(self.index.meta.get("source", self.args.shards))).name
+        return {"teacher": teacher, "data": f"{self.index.total:,} sentences of {source}"}
 
     def gauges(self) -> dict:
         out = {"queue_fill": self.queue.filled / self.queue.size if self.queue.size else 0.0}

@@ -79,6 +79,8 @@ class ZeroTeacher:
         else:
             self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length, prompt=prompt, truncate_dim=dim)
             self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)
+        if self.encoder.dense is not None:  # a teacher's own Dense head: small, held whole by every rank
+            self.encoder.dense.to(device, torch.bfloat16 if self.bf16 else torch.float32).requires_grad_(False)
         self.encoder.model.eval()
         self.encoder.model.requires_grad_(False)
         self.device, self.batch_size = device, batch_size or default_teacher_batch_size(device, self.partitioned)

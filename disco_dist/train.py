@@ -205,7 +205,7 @@ def train(args, stage_class) -> Path:
             **_peak_gpu_memory(env.device),
         }
         write_json_atomic(run_dir / "train_summary.json", summary)
-        write_model_card(final, stage.name, args, summary)
+        write_model_card(final, stage.name, args, summary, stage.used())
         print(f"finished: {state.step} steps; final model {final}", flush=True)
     metrics.close()
     if sample_log:
