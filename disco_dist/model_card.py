@@ -263,14 +263,15 @@ def _transformers_usage(folder: Path, dense: str | None, normalize: bool, settin
         settings.get("pooling"), f"embeddings = ...  # {settings.get('pooling')} pooling, see 1_Pooling/config.json\n"
     )
     head = (
-        "from safetensors.torch import load_file\n"
         f'head = load_file("{folder}/{dense}/model.safetensors")\n'
         'embeddings = embeddings @ head["linear.weight"].T + head["linear.bias"]\n'
         if dense
         else ""
     )
     return (
-        "```python\nimport torch\nfrom transformers import AutoModel, AutoTokenizer\n\n"
+        "```python\nimport torch\n"
+        + ("from safetensors.torch import load_file\n" if dense else "")
+        + "from transformers import AutoModel, AutoTokenizer\n\n"
         f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\nmodel = AutoModel.from_pretrained("{folder}")\n'
         'batch = tokenizer(["A man is playing a guitar."], padding=True, truncation=True, return_tensors="pt")\n'
         "with torch.no_grad():\n    tokens = model(**batch).last_hidden_state\n"

@@ -3,6 +3,8 @@ it is, scored against its teacher; Matryoshka widths; the model card every saved
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,7 +161,8 @@ def test_bad_matryoshka_flags_are_one_line(flags, needle, tmp_path):
 
 
 def test_the_model_cards_transformers_snippet_computes_what_sentence_transformers_does(headed, tmp_path):
-    """The card's 'Usage (transformers)' code, run as printed, gives the model's embeddings."""
+    """The card's 'Usage (transformers)' code, run as printed, gives the model's embeddings, and is formatted as
+    `ruff format` wants it (a card copied into docs/ must pass `make lint`)."""
     from disco_dist.model_card import render
 
     folder, _ = headed
@@ -167,6 +170,10 @@ def test_the_model_cards_transformers_snippet_computes_what_sentence_transformer
     (folder / "training.json").write_text(json.dumps({"stages": [stage]}))
     card = render(folder).read_text()
     code = re.search(r"## Usage \(transformers\)\s*```python\n(.*?)```", card, re.S).group(1)
+    formatted = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--stdin-filename", "card.py", "-"], input=code, text=True
+    )
+    assert formatted.returncode == 0
     scope = {}
     exec(code, scope)
     expected = Encoder.from_pretrained(folder).encode(["A man is playing a guitar."])
