@@ -37,16 +37,17 @@ def _spearman(a: torch.Tensor, b: torch.Tensor, gold) -> float:
     return float(spearmanr(F.cosine_similarity(a, b, dim=-1).numpy(), gold).statistic) * 100
 
 
-def _sides(embeddings: torch.Tensor, pairs) -> tuple:
-    """(first sentences' rows, second sentences' rows) of embeddings of `_unique(pairs)`."""
-    position = {s: i for i, s in enumerate(_unique(pairs))}
+def _sides(embeddings: torch.Tensor, pairs, unique: list) -> tuple:
+    """(first sentences' rows, second sentences' rows) of `embeddings`, one row per sentence of `unique`."""
+    position = {s: i for i, s in enumerate(unique)}
     return (embeddings[[position[s] for s in pairs.sentences1]], embeddings[[position[s] for s in pairs.sentences2]])
 
 
 def spearman_x100(encoder, pairs, batch_size=64, progress=False) -> float:
     # each distinct sentence is encoded once, however many pairs it appears in
-    embeddings = encoder.encode(_unique(pairs), batch_size=batch_size, progress=progress)
-    return _spearman(*_sides(embeddings, pairs), pairs.scores)
+    unique = _unique(pairs)
+    embeddings = encoder.encode(unique, batch_size=batch_size, progress=progress)
+    return _spearman(*_sides(embeddings, pairs, unique), pairs.scores)
 
 
 def evaluate_sts(encoder, data_root=None, tasks=tuple(TASKS), batch_size=64, progress=False) -> dict:
@@ -86,7 +87,7 @@ def score_sts(encoder, data_root=None, tasks=tuple(TASKS), batch_size=64, progre
         start = time.perf_counter()
         embeddings = encoder.encode(unique, batch_size=batch_size, progress=progress)
         seconds, sentences = seconds + time.perf_counter() - start, sentences + len(unique)
-        a, b = _sides(embeddings, pairs)
+        a, b = _sides(embeddings, pairs, unique)
         out["scores"][name] = _spearman(a, b, pairs.scores)
         for d in dims:
             out["scores_by_dim"][d][name] = _spearman(a[:, :d], b[:, :d], pairs.scores)
@@ -96,13 +97,15 @@ def score_sts(encoder, data_root=None, tasks=tuple(TASKS), batch_size=64, progre
                     f"--against-teacher: the model returns {embeddings.shape[1]} dimensions, the teacher "
                     f"{teacher.dim}; a student scored against its teacher needs its head (distill.py --keep-head)"
                 )
-            ta, tb = _sides(teacher.embeddings(name, unique), pairs)
+            ta, tb = _sides(teacher.embeddings(name, unique), pairs, unique)
             out["asymmetric"][name] = (_spearman(a, tb, pairs.scores) + _spearman(ta, b, pairs.scores)) / 2
             out["teacher_scores"][name] = _spearman(ta, tb, pairs.scores)
     out["speed"] = {"sentences_per_s": round(sentences / seconds, 2), "sentences": sentences}
     if teacher is not None:
         out["speed"].update(teacher.speed())
-    out = {key: _with_avg(value) if key.endswith(("scores", "asymmetric")) else value for key, value in out.items()}
+    for key in ("scores", "asymmetric", "teacher_scores"):
+        if key in out:
+            out[key] = _with_avg(out[key])
     out["scores_by_dim"] = {d: _with_avg(scores) for d, scores in out["scores_by_dim"].items()}
     return out
 
@@ -137,7 +140,10 @@ class TeacherSide:
         if kept is None or kept["sha256"] != digest:
             start = time.perf_counter()
             embeddings = self._load().encode(sentences, batch_size=self.batch_size, progress=self.progress)
-            kept = {"sha256": digest, "embeddings": embeddings, "seconds": time.perf_counter() - start}
+            from .results import hardware
+
+            seconds = time.perf_counter() - start
+            kept = {"sha256": digest, "embeddings": embeddings, "seconds": seconds, "hardware": hardware()}
             self.saved["tasks"][task] = kept
             if self.cache:
                 Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +154,8 @@ class TeacherSide:
     def speed(self) -> dict:
         tasks = self.saved["tasks"].values()
         rate = sum(len(t["embeddings"]) for t in tasks) / sum(t["seconds"] for t in tasks)
-        return {"teacher": self.name, "teacher_sentences_per_s": round(rate, 2)}
+        machines = sorted({t.get("hardware", "unrecorded") for t in tasks})
+        return {"teacher": self.name, "teacher_sentences_per_s": round(rate, 2), "teacher_hardware": machines}
 
 
 def stsb_dev_spearman(encoder, data_root=None, batch_size=64) -> float:

@@ -34,6 +34,17 @@ def hub_id(name_or_path) -> str:
     return f"sentence-transformers/{name}" if name in MODELS else str(name_or_path)
 
 
+def _used_from_shards(args) -> dict:
+    """The teacher and data of a stage-1 run that did not say (`python -m disco_dist.model_card` on an older run),
+    read from its shards' index.json where that is still on disk."""
+    index_file = Path(str(args.shards)) / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    return {
+        "teacher": (index.get("teacher") or {}).get("model", args.teacher),
+        "data": f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(args.shards),
+    }
+
+
 def stage_record(stage: str, args, summary: dict, used: dict | None = None) -> dict:
     """What one finished training stage did, for the card: from its flags, its train_summary and what the stage
     says it used (`used`: the teacher it learned from and the data it read, e.g. remote shards)."""
@@ -57,16 +68,10 @@ def stage_record(stage: str, args, summary: dict, used: dict | None = None) -> d
         "finished": time.strftime("%Y-%m-%d"),
     }
     if stage == "distill":
-        used = used or {}
-        index_file = Path(str(args.shards)) / "index.json"
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        teacher = used.get("teacher") or (index.get("teacher") or {}).get("model", args.teacher)
-        data = used.get("data") or (
-            f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(args.shards)
-        )
+        used = used or _used_from_shards(args)
         record.update(
-            teacher=hub_id(teacher),
-            data=data,
+            teacher=hub_id(used["teacher"]),
+            data=used["data"],
             loss=args.loss,
             logit_scale=None if args.loss != "ckd" else round(summary.get("logit_scale", args.logit_scale), 2),
             queue_size=args.queue_size if args.loss == "ckd" else None,
@@ -208,11 +213,17 @@ def render(folder) -> Path:
         ]
         speed = evaluation.get("speed", {})
         if "teacher_sentences_per_s" in speed:
+            same = speed.get("teacher_hardware") == [evaluation.get("hardware")]
             parts.append(
                 "Speed on the STS sentences, as `evaluate.py` timed it (the teacher when its embeddings were cached; "
                 f"a busy machine slows either): {speed['sentences_per_s']} sentences/s against the "
                 f"teacher's {speed['teacher_sentences_per_s']} "
-                f"({speed['sentences_per_s'] / speed['teacher_sentences_per_s']:.1f}x)."
+                + (
+                    f"({speed['sentences_per_s'] / speed['teacher_sentences_per_s']:.1f}x)."
+                    if same
+                    else f"(timed on {', '.join(speed.get('teacher_hardware') or ['an unrecorded machine'])}: "
+                    "not a ratio on one machine)."
+                )
             )
     parts += ["## Citation", CITATION]
     card = ModelCard(f"---\n{_metadata(folder, facts).to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")

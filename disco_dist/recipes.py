@@ -192,9 +192,13 @@ class Reproduction:
                 with_head = evaluation_record(
                     final, runs[-1] / "eval_sts_head.json", label + " with head", [*against(teacher), *cache]
                 )
-                extra = {"head_scores": with_head["scores"], "speed": with_head["speed"]}
-                extra.update({k: with_head[k] for k in ("asymmetric", "teacher_scores") if k in with_head})
-                extra = {"with_head": extra}
+                kept = ("speed", "asymmetric", "teacher_scores")  # the head's scores under their own name
+                extra = {
+                    "with_head": {
+                        "head_scores": with_head["scores"],
+                        **{k: with_head[k] for k in kept if k in with_head},
+                    }
+                }
         else:
             scored = self.root / "init" / "eval_sts.json"
             record = evaluation_record(self.recipe["student"], scored, label, [*self.keep, *dims])

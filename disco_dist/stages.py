@@ -255,14 +255,18 @@ class Distill(Stage):
         terms = {}
 
         def plain_loss(student, width):  # the loss of one width's output; its terms logged by name (and width)
-            found = {}
-            if self.args.loss == "ckd":
-                found["ckd"] = ckd_loss(student, self._last_keys, engine.module.scale(), self.queue.negatives())
-            if self.args.loss == "mse" or self.args.mse_weight:
-                found["mse"] = mse_loss(student, teacher)
+            if self.args.loss == "mse":
+                found = {"mse": mse_loss(student, teacher)}
+                loss = found["mse"]
+            else:
+                found = {"ckd": ckd_loss(student, self._last_keys, engine.module.scale(), self.queue.negatives())}
+                loss = found["ckd"]
+                if self.args.mse_weight:
+                    found["mse"] = mse_loss(student, teacher)
+                    loss = loss + self.args.mse_weight * found["mse"]
             suffix = f"@{width}" if len(self.widths) > 1 else ""
             terms.update({f"{name}{suffix}": value for name, value in found.items()})
-            return found.get("ckd", 0.0) + (self.args.mse_weight if "ckd" in found else 1.0) * found.get("mse", 0.0)
+            return loss
 
         total = matryoshka_loss(plain_loss, outputs, self.widths)
         if self.teacher is not None:  # the teacher ran ahead, in `batches`; count its time where it is used

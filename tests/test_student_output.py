@@ -16,6 +16,7 @@ from disco_dist.encoder import Encoder
 from disco_dist.errors import UserError
 from disco_dist.evaluate import TASKS, TeacherSide, score_sts
 from disco_dist.losses import ckd_loss, matryoshka_loss, sup_contrastive_loss
+from disco_dist.results import hardware
 from disco_dist.stages import Student
 
 SENTENCES = ["A man plays the guitar.", "the the the", "Two dogs run in a field of snow.", "Stocks fell sharply."]
@@ -98,6 +99,7 @@ def test_the_asymmetric_score_equals_a_hand_computation_and_the_teacher_is_embed
     assert found["asymmetric"]["STS13"] == pytest.approx(both_ways, abs=1e-3)
     assert found["teacher_scores"]["STS13"] == pytest.approx(spearman(teacher, teacher), abs=1e-3)
     assert found["speed"]["teacher_sentences_per_s"] > 0
+    assert found["speed"]["teacher_hardware"] == [hardware()]  # where the cached teacher was timed
 
     again = TeacherSide(str(tiny_teacher), cache, 128)  # from the cache file: the teacher is never loaded
     assert torch.equal(again.embeddings("STS13", unique), found_embeddings(cache))
@@ -232,3 +234,23 @@ def test_keep_head_and_matryoshka_through_both_stages_then_the_card_carries_the_
     assert f"{record['scores']['avg']:.2f}" in next(
         line for line in card.text.splitlines() if line.startswith("| this model |")
     )
+
+
+@pytest.mark.parametrize(
+    "teacher_machine, expected", [("here", r"\(\d+\.\dx\)\."), ("elsewhere", "not a ratio on one machine")]
+)
+def test_the_card_states_a_speed_ratio_only_when_both_were_timed_on_one_machine(headed, teacher_machine, expected):
+    """A teacher cache timed on another machine (evaluate.py --teacher-cache) gives no student/teacher ratio."""
+    from disco_dist.model_card import update_model_card
+
+    folder, _ = headed
+    stage = {"stage": "distill", "started_from": "tiny", "teacher": "tiny-teacher", "data": "4 sentences", "steps": 1}
+    (folder / "training.json").write_text(json.dumps({"stages": [stage]}))
+    machine = hardware() if teacher_machine == "here" else "Another CPU, 64 cores, no GPU, torch 2.13.0"
+    speed = {"sentences_per_s": 120.0, "teacher_sentences_per_s": 30.0, "teacher": "t", "teacher_hardware": [machine]}
+    record = {"scores": {task: 50.0 for task in [*TASKS, "avg"]}, "speed": speed, "hardware": hardware()}
+    assert update_model_card(folder, record)
+    text = (folder / "README.md").read_text()
+    assert re.search(expected, text)
+    if teacher_machine == "here":
+        assert "(4.0x)." in text
