@@ -1,6 +1,7 @@
 """A student's projection head as a sentence-transformers `Dense` module: a linear layer after the pooling
 (before `Normalize`), read and written in the folder layout sentence-transformers itself uses
-(`<k>_Dense/config.json` + `model.safetensors` holding `linear.weight` and `linear.bias`).
+(`<k>_Dense/config.json` + `model.safetensors` holding `linear.weight` and `linear.bias`; older folders'
+`pytorch_model.bin` is read too).
 
 A student saved with its stage-1 head (`distill.py --keep-head`) returns vectors in the teacher's space:
 `SentenceTransformer(folder)` and `Encoder.from_pretrained(folder)` compute the same embeddings.
@@ -24,8 +25,13 @@ def read_dense(folder: Path) -> nn.Linear:
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text())
-        weights = load_file(folder / "model.safetensors")
-    except (OSError, ValueError) as err:
+        if (folder / "model.safetensors").is_file() or not (folder / "pytorch_model.bin").is_file():
+            weights = load_file(folder / "model.safetensors")
+        else:  # sentence-transformers before 3.0 saved a Dense's weights as a torch pickle
+            import torch
+
+            weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"{folder}: not a readable Dense module ({err}); save the model again") from None
     activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
     if activation != IDENTITY or config.get("use_residual"):

@@ -54,6 +54,21 @@ def test_a_dense_head_with_an_activation_is_refused_in_one_line(headed, tmp_path
         Encoder.from_pretrained(folder)
 
 
+def test_an_older_dense_folder_with_pytorch_model_bin_is_read(headed, tmp_path):
+    """sentence-transformers before 3.0 saved a Dense as pytorch_model.bin; such a folder computes the same."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "old"
+    shutil.copytree(headed[0], folder)
+    dense = folder / "2_Dense"
+    torch.save(load_file(dense / "model.safetensors"), dense / "pytorch_model.bin")
+    (dense / "model.safetensors").unlink()
+    expected = Encoder.from_pretrained(headed[0]).encode(SENTENCES)
+    assert torch.equal(Encoder.from_pretrained(folder).encode(SENTENCES), expected)
+
+
 def _mean_pooled(folder, sentences, head=None):
     """Embeddings computed without disco-dist: transformers, mean pooling, the head by hand, normalised."""
     from transformers import AutoModel, AutoTokenizer
