@@ -57,7 +57,8 @@ def cache_teacher_embeddings(
     if source.teacher is not None:
         raise UserError(f"{source_folder} already holds teacher embeddings ({source.teacher['model']})")
     out_folder = Path(out_folder)
-    plan = cache_plan(teacher, source)
+    plan = cache_plan(teacher, source, group_sentences)
+    group_sentences = plan["sort_group"]
     done = set(_finished_shards(source, out_folder, plan, overwrite))  # every rank: a refusal stops them all
     distributed.barrier()
     if env.is_main:
@@ -67,9 +68,6 @@ def cache_teacher_embeddings(
             log(f"continuing {out_folder}: {len(done)} of {len(source.shards)} shards already cached")
     distributed.barrier()
     to_do = [i for i in range(len(source.shards)) if i not in done]
-    # 4,096 sentences a group (little padding once length-sorted), fewer for a small corpus so that 16 groups or
-    # more share the work among the ranks; a function of the corpus alone, never of W
-    group_sentences = group_sentences or min(4096, max(1, source.total // 16))
     # groups are formed over all shards, whatever W and whatever is already done, so each sentence is embedded in
     # the same batch (same neighbours, same padding) by a 1-rank pass, a W-rank pass and a continued one
     pending = [
@@ -117,6 +115,7 @@ def cache_teacher_embeddings(
                 **teacher.describe(),
                 "dtype": "float16",
                 "batch_size": teacher.batch_size,
+                "sort_group": group_sentences,
                 "world_size": env.world_size,
                 "seconds": round(seconds, 2),
                 # this pass's rate over the shards it wrote (a continued pass also re-embeds the finished shards of
@@ -132,13 +131,16 @@ def cache_teacher_embeddings(
     distributed.barrier()
 
 
-def cache_plan(teacher: ZeroTeacher, source: ShardIndex) -> dict:
-    """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size):
-    finished shards are reused only under an equal plan."""
+def cache_plan(teacher: ZeroTeacher, source: ShardIndex, group_sentences: int | None = None) -> dict:
+    """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size, the
+    sort group): finished shards are reused only under an equal plan."""
     return {
         "source_index_sha256": source.index_sha256,
         **teacher.describe(),
         "batch_size": teacher.batch_size,  # a sentence's batch-mates set its padding, so its last bits
+        # sentences length-sorted together (--sort-group): 4,096 (little padding once sorted), fewer for a small
+        # corpus so that 16 groups or more share the work among the ranks; a function of the corpus, never of W
+        "sort_group": group_sentences or min(4096, max(1, source.total // 16)),
     }
 
 
@@ -155,8 +157,8 @@ def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> l
         earlier = None
     if earlier != plan:
         raise UserError(
-            f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt, dim "
-            f"or teacher batch size ({plan_path}); choose a new --out folder (or --overwrite)"
+            f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt, dim, "
+            f"teacher batch size or sort group ({plan_path}); choose a new --out folder (or --overwrite)"
         )
     return [
         i

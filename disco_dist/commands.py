@@ -40,14 +40,19 @@ def make_shards(args) -> Path:
 def cache_teacher(args) -> Path:
     from .cache import cache_teacher_embeddings
     from .ds_config import load_ds_config
+    from .errors import UserError
     from .shards import read_index
     from .teacher import ZeroTeacher
 
+    if args.sort_group is not None and args.sort_group < 1:
+        raise UserError(f"--sort-group must be at least 1, got {args.sort_group}")
     read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
     load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
     teacher = ZeroTeacher.from_args(args, env.device)
-    cache_teacher_embeddings(teacher, args.shards, args.out, env, overwrite=args.overwrite)
+    cache_teacher_embeddings(
+        teacher, args.shards, args.out, env, overwrite=args.overwrite, group_sentences=args.sort_group
+    )
     return args.out
 
 

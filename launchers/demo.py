@@ -130,7 +130,7 @@ def main(argv=None):
             teacher,
             *flags({k: demo.get(k) for k in ("teacher_batch_size", "teacher_replicated")}),
             "--overwrite",
-            ranks=demo.get("teacher_ranks", args.ranks),  # S2-fast: one process on every core (no ZeRO-3 gathers)
+            ranks=demo.get("teacher_ranks", args.ranks),  # S2-fast: 2 ranks, each a whole replica (no ZeRO-3 gathers)
         )
     distilled, finetuned = run_dir / "distill", run_dir / "finetune"
     if not (distilled / "train_summary.json").exists():

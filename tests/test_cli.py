@@ -116,6 +116,14 @@ def test_a_bad_zero_key_in_the_teacher_deepspeed_config_is_refused(tiny, tmp_pat
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_sort_group_below_one_is_refused_before_the_teacher_loads(tiny, tmp_path):
+    root, _, teacher = tiny
+    out = tmp_path / "o"
+    result = run("cache_teacher.py", "--shards", root / "shards", "--out", out, "--teacher", teacher, "--sort-group", 0)
+    assert_one_line(result, "--sort-group must be at least 1")
+    assert not out.exists()
+
+
 def test_the_shipped_deepspeed_configs_pass_the_check():
     from disco_dist.ds_config import load_ds_config
 

@@ -122,10 +122,11 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
         shutil.copy(tmp_path / "whole" / name, partial / name)
     (partial / "shard-000001.tar.tmp").write_bytes(b"half")
     kept = {name: (partial / name).stat().st_mtime_ns for name in ("shard-000000.tar", "shard-000003.tar")}
-    run_on_ranks(plan_only_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial))
+    run_on_ranks(plan_only_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial), 20)
     run_on_ranks(cache_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial), 20)
 
     assert json.loads((partial / "index.json").read_text())["shards"] == whole["shards"]  # names, counts, sha256
+    assert whole["teacher"]["sort_group"] == 20  # the sort group asked for, recorded
     assert {name: (partial / name).stat().st_mtime_ns for name in kept} == kept
     assert not list(partial.glob("*.tmp")) and not (partial / CACHE_PLAN).exists()
 
@@ -140,7 +141,7 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     )
 
 
-def plan_only_rank(rank, world_size, model_dir, ds_config, source, out):
+def plan_only_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences):
     """Write the plan file a cache pass of this source and teacher starts with, and nothing else."""
     from pathlib import Path
 
@@ -151,5 +152,5 @@ def plan_only_rank(rank, world_size, model_dir, ds_config, source, out):
     from disco_dist.teacher import ZeroTeacher
 
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
-    write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source)))
+    write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source), group_sentences))
     return True
