@@ -118,8 +118,9 @@ def evaluate(args) -> Path:
     }
     write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
-    as_saved = not (args.no_head or args.dim or args.pooling or args.max_length or args.keep_layers)
-    as_saved = as_saved and args.prompt is None
+    # the card describes the model as saved: scores of a reshaped or prompted model are not its scores
+    reshaped = args.no_head or args.dim or args.pooling or args.max_length or args.keep_layers
+    as_saved = not reshaped and args.prompt is None
     if as_saved and update_model_card(args.model, record):
         print(f"model card {args.model}/README.md updated with these scores")
     return args.out

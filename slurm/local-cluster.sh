@@ -158,10 +158,10 @@ start_mariadb() {
       --bind-address=127.0.0.1 --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadb.log" \
       --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
     wait_for 60 MariaDB mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot -e "SELECT 1"
+    db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+           CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';
+           GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
   fi
-  db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-         CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';
-         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 }
 
 start_slurm() {
@@ -169,7 +169,10 @@ start_slurm() {
     slurmdbd
     wait_for 60 slurmdbd sacctmgr -n list cluster
   fi
-  sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  # retried: a busy slurmdbd (a test suite's jobs) may time out one query, which must not end a restart before the
+  # nodes' slurmd are started again
+  wait_for 60 "the cluster's accounting record" sh -c \
+    "sacctmgr -n list cluster format=cluster | grep -qw $CLUSTER || sacctmgr -i add cluster $CLUSTER"
   if ! alive slurmctld; then
     slurmctld
     wait_for 60 slurmctld scontrol ping

@@ -174,7 +174,7 @@ def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_
     log = run / f"slurm-{job}.log"
     deadline = time.time() + 240
     while not (log.exists() and "step 6/" in log.read_text()):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "the job never started"
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
     while job_state(job, cluster):
@@ -224,6 +224,12 @@ def job_state(job, env) -> str:
     raise AssertionError(f"squeue failed: {result.stderr}")
 
 
+def queue_and_nodes(job, env) -> str:
+    """What a stuck job's failure message shows: the job's state and reason, and the nodes' states and reasons."""
+    commands = (["squeue", "-h", "-j", job, "-o", "job %i %T %r"], ["sinfo", "-h", "-N", "-o", "%N %T %E"])
+    return "".join(subprocess.run(c, capture_output=True, text=True, env=env).stdout for c in commands)
+
+
 def job_history(job, env, within: float) -> list:
     """sacct's states of every run of the job (-D), once the last one has ended (accounting lags the queue)."""
     deadline = time.time() + within
@@ -266,7 +272,7 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     log = run / f"slurm-{job}.log"
     deadline = time.time() + 240
     while not (log.exists() and "step 12/" in log.read_text()):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "the job never started"
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
         time.sleep(0.2)
     lost_at = time.time()
     try:
@@ -281,15 +287,18 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
         lost = log.read_text()
     finally:  # the node comes back: its link, its slurmd, its state
         subprocess.run(["ip", "link", "set", "disco-v2", "up"], check=True)
-        subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, timeout=120)
+        back = subprocess.run(
+            ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=120
+        )
         subprocess.run(["scontrol", "update", "nodename=disco-n2", "state=resume"], env=cluster, capture_output=True)
+    assert back.returncode == 0, f"the node's restart failed: {back.stderr}"
     print(f"{how}: the run ended {ended_after:.1f} s after the node was lost")
     assert ended_after < 60, lost[-3000:]
     lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
     assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
     assert f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-" in lines[0], lines[0]
     while job_state(job, cluster):  # requeued by SLURM (pending); it runs again once disco-n2 is back
-        assert time.time() - lost_at < 300, log.read_text()[-3000:]
+        assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
         time.sleep(1)
     states = job_history(job, cluster, within=60)
     assert states[-1] == "COMPLETED" and len(states) >= 2, states
