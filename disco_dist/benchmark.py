@@ -68,6 +68,9 @@ class Settings:
     bf16_steps: int = 200  # bf16_training: steps of each side
     bf16_shards: str | None = None  # teacher-cached shards for bf16_training (required by that part)
     bf16_keep_layers: tuple = (0, 2, 5)  # S2
+    zero3_config: str | None = (
+        None  # zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default teacher_zero3.json)
+    )
     time_to_student_run: str | None = None  # the finished `demo.py --recipe S2-fast` run that time_to_student_min reads
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
     work_dir: str = "runs/benchmark"
@@ -267,9 +270,11 @@ class Benchmark(WholeRuns):
         )
 
     def zero3_vs_replicated(self) -> None:
+        from .files import DS_CONFIGS
         from .teacher import default_teacher_batch_size
 
-        spec = self._spec(shards=str(self.source))
+        config = Path(self.s.zero3_config or DS_CONFIGS / "teacher_zero3.json")
+        spec = self._spec(shards=str(self.source), ds_config=str(config))
 
         def side(mode):
             return lambda: self._worker("teacher_ranks", {**spec, "mode": mode}, ranks=2)["sentences_per_s"]
@@ -283,6 +288,8 @@ class Benchmark(WholeRuns):
             zero3_sentences_per_s=round(zero3, 2),
             replicated_sentences_per_s=round(replicated, 2),
             teacher_batch_size=batch_size,
+            zero3_config=config.name,
+            precision=self.s.precision,
             repeats_zero3=a,
             repeats_replicated=b,
         )

@@ -140,7 +140,8 @@ def worker_st_encode(spec: dict) -> dict:
 
 def worker_teacher_ranks(spec: dict) -> dict:
     """Under `deepspeed --num_gpus 2`: every rank embeds its half of the sentences with the teacher, either
-    ZeRO-3 partitioned or a whole replica per rank, at the given teacher batch size."""
+    ZeRO-3 partitioned (under `spec["ds_config"]`) or a whole replica per rank, at the given teacher batch size
+    and the same precision on both sides."""
     from . import distributed
     from .encoder import Encoder
     from .files import DS_CONFIGS
@@ -155,14 +156,16 @@ def worker_teacher_ranks(spec: dict) -> dict:
     if spec["mode"] == "zero3":
         teacher = ZeroTeacher(
             spec["teacher"],
-            DS_CONFIGS / "teacher_zero3.json",
+            spec.get("ds_config") or DS_CONFIGS / "teacher_zero3.json",
             env.device,
             batch_size=batch_size,
             max_length=spec["max_length"],
+            precision=spec["precision"],
         )
         embed = teacher.embed
     else:
-        encoder = Encoder.from_pretrained(spec["teacher"], max_length=spec["max_length"]).to(env.device)
+        dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+        encoder = Encoder.from_pretrained(spec["teacher"], max_length=spec["max_length"]).to(env.device, dtype)
         embed = lambda chunk: encoder.encode(chunk, batch_size=batch_size)  # noqa: E731
     embed(mine[:8])  # warm-up (and, under ZeRO-3, the same number of forwards on every rank)
     distributed.barrier()

@@ -7,6 +7,7 @@ the wait for the slower rank are in the training run's `time/wait_share` and `ti
 
     python -m disco_dist.profile_step --precision fp32 --unpadded off    # the step before issue 21
     python -m disco_dist.profile_step --precision bf16 --unpadded auto   # prints ms/step and the table
+    python -m disco_dist.profile_step --precision bf16 --freeze-word-embeddings   # what their gradient costs
 """
 
 import argparse
@@ -52,6 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unpadded", choices=("auto", "off"), default="auto")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (and as many profiled)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--freeze-word-embeddings", action="store_true", help="no gradient for the word embeddings")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -60,7 +62,8 @@ def main(argv=None) -> None:
     encoder = Encoder.from_pretrained("all-MiniLM-L6-v2", keep=[0, 2, 5], max_length=128)
     student = Student(encoder, torch.nn.Linear(384, 768), bf16=args.precision == "bf16", unpadded=args.unpadded)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+    encoder.model.embeddings.word_embeddings.requires_grad_(not args.freeze_word_embeddings)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, fused=True)
     queue = F.normalize(torch.randn(65_536, 768), dim=-1)
     tokenized = [encoder.tokenize(batch) for batch in batches]
     targets = [F.normalize(torch.randn(len(batch), 768), dim=-1) for batch in batches]
@@ -85,7 +88,8 @@ def main(argv=None) -> None:
     real = sum(int(b["attention_mask"].sum()) for b in tokenized)
     padded = sum(b["attention_mask"].numel() for b in tokenized)
     print(
-        f"{args.precision}, unpadded {args.unpadded} ({'on' if encoder.unpadded else 'off'}): "
+        f"{args.precision}, unpadded {args.unpadded} ({'on' if encoder.unpadded else 'off'})"
+        f"{', word embeddings frozen' if args.freeze_word_embeddings else ''}: "
         f"{seconds * 1000:.0f} ms/step, {args.batch_size / seconds:.1f} sentences/s on one thread; "
         f"{real / padded:.0%} of the padded token positions are real"
     )

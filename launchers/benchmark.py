@@ -77,6 +77,11 @@ def main(argv=None):
         help="time_to_student_min: read this finished `demo.py --recipe S2-fast` run (default: run one, ~30 min)",
     )
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the GPU sizes")
+    parser.add_argument(
+        "--teacher-ds-config",
+        dest="zero3_config",
+        help="zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default ds_configs/teacher_zero3.json)",
+    )
     parser.add_argument("--work-dir", default=defaults.work_dir)
     parser.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.json")
     args = parser.parse_args(argv)
@@ -97,6 +102,7 @@ def main(argv=None):
         "bf16_steps",
         "bf16_shards",
         "time_to_student_run",
+        "zero3_config",
     ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

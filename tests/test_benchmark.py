@@ -51,6 +51,8 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         "--st-batch-sizes",
         8,
         32,
+        "--teacher-ds-config",
+        REPO / "ds_configs" / "teacher_zero3_prefetch.json",
         "--work-dir",
         tmp_path / "work",
         "--out",
@@ -67,6 +69,9 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         "loader_headroom",
         "ckd_overhead",
     ]
+    zero3 = rows[1]  # both sides at the benchmark's precision (fp32), the ZeRO-3 side under the config asked for
+    assert zero3["detail"]["zero3_config"] == "teacher_zero3_prefetch.json", zero3
+    assert zero3["detail"]["precision"] == "fp32", zero3
     for row in rows:
         assert row["value"] > 0 and row["device"] == "cpu" and row["better"] in ("higher", "lower"), row
         assert row["command"].startswith("python launchers/benchmark.py")

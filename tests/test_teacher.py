@@ -32,6 +32,20 @@ def test_zero3_teacher_partitions_and_matches_unsharded(tmp_path):
         torch.testing.assert_close(result["embeddings"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_zero3_teacher_with_its_own_dense_head_matches_the_unsharded_one(tmp_path):
+    """A teacher folder with a Dense module (sentence-transformers' projection after pooling): the transformer is
+    partitioned over 2 ranks, the head held whole by each; the embeddings are the head's width and unchanged."""
+    model_dir = build_tiny_model(tmp_path / "body", hidden=128, layers=2, seed=3)
+    torch.manual_seed(4)
+    folder = Encoder.from_pretrained(model_dir).save(tmp_path / "teacher", head=torch.nn.Linear(128, 48))
+    results = run_on_ranks(teacher_rank, 2, tmp_path, str(folder), str(REPO / "ds_configs" / "teacher_zero3.json"))
+    expected = Encoder.from_pretrained(folder).encode(SENTENCES)
+    assert expected.shape == (len(SENTENCES), 48)
+    for result in results:
+        assert 0.45 < result["fraction"] < 0.6
+        torch.testing.assert_close(result["embeddings"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
     """--precision bf16 (2-4x faster on CPUs with AVX512-BF16): bf16 weights, embeddings within bf16 rounding."""
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=128, layers=2, seed=3)
