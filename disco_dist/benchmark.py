@@ -276,8 +276,15 @@ class Benchmark(WholeRuns):
         config = Path(self.s.zero3_config or DS_CONFIGS / "teacher_zero3.json")
         spec = self._spec(shards=str(self.source), ds_config=str(config))
 
+        dtypes = set()
+
         def side(mode):
-            return lambda: self._worker("teacher_ranks", {**spec, "mode": mode}, ranks=2)["sentences_per_s"]
+            def once():
+                result = self._worker("teacher_ranks", {**spec, "mode": mode}, ranks=2)
+                dtypes.add(f"{mode} {result['dtype']}")
+                return result["sentences_per_s"]
+
+            return once
 
         zero3, replicated, a, b = alternate(side("zero3"), side("replicated"), self.s.repeats)
         batch_size = self.s.teacher_batch_size or default_teacher_batch_size(torch.device(self.s.device), True)
@@ -290,6 +297,7 @@ class Benchmark(WholeRuns):
             teacher_batch_size=batch_size,
             zero3_config=config.name,
             precision=self.s.precision,
+            dtypes=sorted(dtypes),
             repeats_zero3=a,
             repeats_replicated=b,
         )

@@ -173,7 +173,12 @@ def worker_teacher_ranks(spec: dict) -> dict:
     embed(mine)
     distributed.barrier()
     seconds = time.perf_counter() - start
-    return {"sentences_per_s": len(texts[: len(mine) * env.world_size]) / seconds, "batch_size": batch_size}
+    dtype = next((teacher.encoder if spec["mode"] == "zero3" else encoder).model.parameters()).dtype
+    return {
+        "sentences_per_s": len(texts[: len(mine) * env.world_size]) / seconds,
+        "batch_size": batch_size,
+        "dtype": str(dtype).removeprefix("torch."),  # what the side really ran at, for the row
+    }
 
 
 WORKERS = {"st_training": worker_st_training, "st_encode": worker_st_encode, "teacher_ranks": worker_teacher_ranks}

@@ -83,7 +83,7 @@ def main(argv=None):
         help="zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default ds_configs/teacher_zero3.json)",
     )
     parser.add_argument("--work-dir", default=defaults.work_dir)
-    parser.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.json")
+    parser.add_argument("--out", type=Path, help="JSON file the rows are merged into (default docs/benchmarks.json)")
     args = parser.parse_args(argv)
 
     values = dict(GPU_SIZES) if args.gpu else {}
@@ -110,6 +110,11 @@ def main(argv=None):
         values["st_batch_sizes"] = tuple(args.st_batch_sizes)
     if "--parts" in argv or not args.gpu:
         values["parts"] = tuple(args.parts)
+    if args.zero3_config and not args.out:  # a variant's row would replace the default's in docs/benchmarks.json
+        raise UserError(
+            "--teacher-ds-config times a variant: give --out FILE for its row (docs/benchmarks.json keeps the default)"
+        )
+    args.out = args.out or Path("docs") / "benchmarks.json"
     if values.get("warmup_steps", defaults.warmup_steps) < 2:
         raise UserError("--warmup-steps must be at least 2 (the first logged interval is the warm-up)")
     if args.gpu:

@@ -69,7 +69,8 @@ write_config() {
   memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
   mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$DB"
   chmod 700 "$RUN"
-  cat > "$ETC/slurm.conf" <<EOF
+  local conf=$ETC/slurm.conf.new  # renamed into place at the end: sbatch, squeue... read it at every call
+  cat > "$conf" <<EOF
 # written by slurm/local-cluster.sh for this host
 ClusterName=$CLUSTER
 SlurmctldHost=$host($ctld_addr)
@@ -113,12 +114,13 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscr
 EOF
   local i
   for i in $(seq 1 "$NODES"); do
-    echo "NodeName=disco-n$i NodeAddr=$NET.1$i CPUs=1 RealMemory=$((memory / 2)) State=UNKNOWN" >> "$ETC/slurm.conf"
+    echo "NodeName=disco-n$i NodeAddr=$NET.1$i CPUs=1 RealMemory=$((memory / 2)) State=UNKNOWN" >> "$conf"
   done
   if [ "$NODES" -gt 0 ]; then
     echo "PartitionName=multi Nodes=disco-n[1-$NODES] Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO" \
-      >> "$ETC/slurm.conf"
+      >> "$conf"
   fi
+  mv "$conf" "$ETC/slurm.conf"
   cat > "$ETC/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
@@ -146,8 +148,6 @@ start_munge() {
   wait_for 10 munged munge --socket="$MUNGE_SOCKET" -n
 }
 
-db() { mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot "$@"; }
-
 start_mariadb() {
   if ! alive mariadbd; then
     if [ ! -d "$DB/mysql" ]; then
@@ -158,10 +158,12 @@ start_mariadb() {
       --bind-address=127.0.0.1 --pid-file="$RUN/mariadbd.pid" --log-error="$LOG/mariadb.log" \
       --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
     wait_for 60 MariaDB mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot -e "SELECT 1"
-    db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-           CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';
-           GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
   fi
+  # every start (idempotent; a first start cut short after MariaDB came up still gets its user), retried
+  wait_for 60 "MariaDB's slurm user" mariadb --protocol=socket --socket="$RUN/mysql.sock" -uroot -e \
+    "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+     CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'disco-local';
+     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 }
 
 start_slurm() {
@@ -169,11 +171,11 @@ start_slurm() {
     slurmdbd
     wait_for 60 slurmdbd sacctmgr -n list cluster
   fi
-  # retried: a busy slurmdbd (a test suite's jobs) may time out one query, which must not end a restart before the
-  # nodes' slurmd are started again
-  wait_for 60 "the cluster's accounting record" sh -c \
-    "sacctmgr -n list cluster format=cluster | grep -qw $CLUSTER || sacctmgr -i add cluster $CLUSTER"
   if ! alive slurmctld; then
+    # the cluster's accounting record, before its controller first starts (retried: a busy slurmdbd can answer a
+    # query with nothing); a restart of a node with the controller up never waits on slurmdbd
+    wait_for 60 "the cluster's accounting record" sh -c \
+      "sacctmgr -n list cluster format=cluster | grep -qw $CLUSTER || sacctmgr -i add cluster $CLUSTER"
     slurmctld
     wait_for 60 slurmctld scontrol ping
   fi
@@ -192,10 +194,10 @@ start_network() {  # the bridge, one namespace and veth pair per node, and the h
   [ "$NODES" -gt 0 ] || return 0
   command -v ip >/dev/null && command -v nsenter >/dev/null || die "--nodes needs ip (iproute2) and nsenter"
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "inet $NET.1/" || ip addr add "$NET.1/24" dev "$BRIDGE"
+  case "$(ip addr show dev "$BRIDGE")" in *"inet $NET.1/"*) ;; *) ip addr add "$NET.1/24" dev "$BRIDGE" ;; esac
   ip link set "$BRIDGE" up
-  printf '127.0.0.1 localhost\n%s.1 %s disco-ctl\n' "$NET" "$(hostname)" > "$ETC/hosts"
-  local i name
+  local i name hosts
+  hosts=$(printf '127.0.0.1 localhost\n%s.1 %s disco-ctl' "$NET" "$(hostname)")
   for i in $(seq 1 "$NODES"); do
     name=disco-n$i
     [ -e "/run/netns/$name" ] || ip netns add "$name"
@@ -206,8 +208,10 @@ start_network() {  # the bridge, one namespace and veth pair per node, and the h
       ip -n "$name" link set eth0 up
       ip -n "$name" link set lo up
     fi
-    echo "$NET.1$i $name" >> "$ETC/hosts"
+    hosts="$hosts"$'\n'"$NET.1$i $name"
   done
+  # written only when it changes: every node's /etc/hosts is this very file (bind-mounted), read while jobs run
+  [ "$(cat "$ETC/hosts" 2>/dev/null)" = "$hosts" ] || printf '%s\n' "$hosts" > "$ETC/hosts"
   echo "$NODES" > "$RUN/nodes"
 }
 

@@ -2,6 +2,7 @@
 it divides by."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         "--out",
         out,
     ]
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, cwd=REPO)
+    # the machine's default precision set to bf16: every part must still run at the benchmark's own (fp32)
+    env = {**os.environ, "DISCO_PRECISION": "bf16"}
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == [
@@ -71,7 +74,7 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
     ]
     zero3 = rows[1]  # both sides at the benchmark's precision (fp32), the ZeRO-3 side under the config asked for
     assert zero3["detail"]["zero3_config"] == "teacher_zero3_prefetch.json", zero3
-    assert zero3["detail"]["precision"] == "fp32", zero3
+    assert zero3["detail"]["dtypes"] == ["replicated float32", "zero3 float32"], zero3
     for row in rows:
         assert row["value"] > 0 and row["device"] == "cpu" and row["better"] in ("higher", "lower"), row
         assert row["command"].startswith("python launchers/benchmark.py")

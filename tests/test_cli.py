@@ -27,6 +27,12 @@ def test_missing_shard_folder(tmp_path):
     )
 
 
+def test_a_benchmark_variant_config_without_its_own_out_file_is_refused():
+    """--teacher-ds-config times a variant: merged into docs/benchmarks.json it would replace the default's row."""
+    result = run("benchmark.py", "--parts", "zero3_vs_replicated", "--teacher-ds-config", "ds_configs/x.json")
+    assert_one_line(result, "--teacher-ds-config", "--out")
+
+
 def test_missing_student_folder(tiny, tmp_path):
     root, _, teacher = tiny
     result = distill(

@@ -285,10 +285,10 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
             time.sleep(0.5)
         ended_after = time.time() - lost_at
         lost = log.read_text()
-    finally:  # the node comes back: its link, its slurmd, its state
+    finally:  # the node comes back: its link, its slurmd (the start waits up to 90 s for the nodes), its state
         subprocess.run(["ip", "link", "set", "disco-v2", "up"], check=True)
         back = subprocess.run(
-            ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=120
+            ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=240
         )
         subprocess.run(["scontrol", "update", "nodename=disco-n2", "state=resume"], env=cluster, capture_output=True)
     assert back.returncode == 0, f"the node's restart failed: {back.stderr}"
