@@ -274,19 +274,14 @@ class Benchmark(WholeRuns):
         from .teacher import default_teacher_batch_size
 
         config = Path(self.s.zero3_config or DS_CONFIGS / "teacher_zero3.json")
-        spec = self._spec(shards=str(self.source), ds_config=str(config))
+        spec, dtypes = self._spec(shards=str(self.source), ds_config=str(config)), set()
 
-        dtypes = set()
+        def side(mode):  # its rate; the dtype it really ran at goes into the row
+            result = self._worker("teacher_ranks", {**spec, "mode": mode}, ranks=2)
+            dtypes.add(f"{mode} {result['dtype']}")
+            return result["sentences_per_s"]
 
-        def side(mode):
-            def once():
-                result = self._worker("teacher_ranks", {**spec, "mode": mode}, ranks=2)
-                dtypes.add(f"{mode} {result['dtype']}")
-                return result["sentences_per_s"]
-
-            return once
-
-        zero3, replicated, a, b = alternate(side("zero3"), side("replicated"), self.s.repeats)
+        zero3, replicated, a, b = alternate(lambda: side("zero3"), lambda: side("replicated"), self.s.repeats)
         batch_size = self.s.teacher_batch_size or default_teacher_batch_size(torch.device(self.s.device), True)
         self._add(
             "zero3_vs_replicated",
