@@ -32,6 +32,7 @@ import torch
 from .benchmark_rows import TARGETS, Row
 from .benchmark_runs import WholeRuns
 from .distributed import command_argv, threads_per_rank
+from .files import DS_CONFIGS
 from .measure import (
     alternate,
     encode_speed,
@@ -55,6 +56,7 @@ class Settings:
     teacher_sentences: int = 768  # embedded by both teacher sides; then the training runs' data
     batch_size: int = 64
     teacher_batch_size: int | None = None  # None: the product's default for the device (see teacher.py)
+    teacher_token_budget: int | None = None  # teacher_encode's cache pass (None: its default; 0: fixed batches)
     max_length: int = 128
     lr: float = 1e-4
     warmup_steps: int = 5
@@ -68,9 +70,7 @@ class Settings:
     bf16_steps: int = 200  # bf16_training: steps of each side
     bf16_shards: str | None = None  # teacher-cached shards for bf16_training (required by that part)
     bf16_keep_layers: tuple = (0, 2, 5)  # S2
-    zero3_config: str | None = (
-        None  # zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default teacher_zero3.json)
-    )
+    zero3_config: str = str(DS_CONFIGS / "teacher_zero3.json")  # zero3_vs_replicated: the ZeRO-3 side's config
     time_to_student_run: str | None = None  # the finished `demo.py --recipe S2-fast` run that time_to_student_min reads
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
     work_dir: str = "runs/benchmark"
@@ -199,6 +199,7 @@ class Benchmark(WholeRuns):
             max_length=self.s.max_length,
             overwrite=True,
             teacher_batch_size=self.s.teacher_batch_size,
+            teacher_token_budget=self.s.teacher_token_budget,
             sort_group=self.s.teacher_sentences,
             precision=self.s.precision,  # the same as the other side's, never the machine's auto choice
         )
@@ -254,13 +255,14 @@ class Benchmark(WholeRuns):
             self.cache_pass, lambda: st_encode(batch_sizes=[best_batch])[str(best_batch)], self.s.repeats
         )
         self.cached = self.work / "cached"  # written by the passes just timed: the training parts reuse it
-        cache_batch = json.loads((self.cached / "index.json").read_text())["teacher"]["batch_size"]
+        cache = json.loads((self.cached / "index.json").read_text())["teacher"]
         self._add(
             "teacher_encode",
             ours / theirs,
             self.s.command,
             disco_sentences_per_s=round(ours, 2),
-            disco_teacher_batch_size=cache_batch,
+            disco_teacher_batch_size=cache["batch_size"],
+            disco_token_budget=cache["token_budget"],
             st_sentences_per_s=round(theirs, 2),
             st_best_batch_size=best_batch,
             sentences=self.s.teacher_sentences,
@@ -270,10 +272,9 @@ class Benchmark(WholeRuns):
         )
 
     def zero3_vs_replicated(self) -> None:
-        from .files import DS_CONFIGS
         from .teacher import default_teacher_batch_size
 
-        config = Path(self.s.zero3_config or DS_CONFIGS / "teacher_zero3.json")
+        config = Path(self.s.zero3_config)
         spec, dtypes = self._spec(shards=str(self.source), ds_config=str(config)), set()
 
         def side(mode):  # its rate; the dtype it really ran at goes into the row
@@ -291,7 +292,6 @@ class Benchmark(WholeRuns):
             replicated_sentences_per_s=round(replicated, 2),
             teacher_batch_size=batch_size,
             zero3_config=config.name,
-            precision=self.s.precision,
             dtypes=sorted(dtypes),
             repeats_zero3=a,
             repeats_replicated=b,

@@ -1,8 +1,9 @@
 """The teacher-cache pass: embed every sentence of a shard folder once, into new shards with fp16 embeddings.
 
 Consecutive shards are grouped (the same groups whatever W) and rank r embeds groups r, r+W, ... with the
-teacher; under ZeRO-3 every rank runs the same number of teacher forwards (padding ones where it has fewer),
-and rank 0 writes the index once all are done. A cut-short pass continues where it stopped: each shard is renamed
+teacher, in batches of a fixed sentence count or of a token budget formed within each group; under ZeRO-3 every
+rank runs the same number of teacher forwards (padding ones where it has fewer), and rank 0 writes the index once
+all are done. A cut-short pass continues where it stopped: each shard is renamed
 into place only when whole, and a plan file says what the finished shards were made from.
 """
 
@@ -45,11 +46,18 @@ def shard_groups(shards: list, counts: list, group_sentences: int) -> list:
 
 
 def cache_teacher_embeddings(
-    teacher: ZeroTeacher, source_folder, out_folder, env, overwrite=False, log=print, group_sentences: int | None = None
+    teacher: ZeroTeacher,
+    source_folder,
+    out_folder,
+    env,
+    overwrite=False,
+    log=print,
+    group_sentences: int | None = None,
+    token_budget: int | None = None,
 ):
     """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
     the source. Rank r writes the shards of groups r, r+W, ...; rank 0 writes the index once every rank is done.
-    With the same teacher batch size the shards' contents do not depend on W.
+    With the same teacher batch size (or token budget) the shards' contents do not depend on W.
 
     Re-running the same command on an unfinished folder continues it: finished shards are kept (each is
     renamed into place only when whole) if the folder's plan matches this source, teacher and max length."""
@@ -57,7 +65,7 @@ def cache_teacher_embeddings(
     if source.teacher is not None:
         raise UserError(f"{source_folder} already holds teacher embeddings ({source.teacher['model']})")
     out_folder = Path(out_folder)
-    plan = cache_plan(teacher, source, group_sentences)
+    plan = cache_plan(teacher, source, group_sentences, token_budget)
     group_sentences = plan["sort_group"]
     done = set(_finished_shards(source, out_folder, plan, overwrite))  # every rank: a refusal stops them all
     distributed.barrier()
@@ -76,17 +84,19 @@ def cache_teacher_embeddings(
         if not done.issuperset(group)
     ]
     groups = [pending[r :: env.world_size] for r in range(env.world_size)]
-    forwards_needed = [
-        sum(-(-sum(source.counts[i] for i in group) // teacher.batch_size) for group in per_rank) for per_rank in groups
-    ]
-    forwards, start = 0, time.perf_counter()
+
+    def read(group):  # each shard's (key, text, _) samples, and all the group's texts
+        samples = [list(iter_shard_samples(source, [i], with_keys=True)) for i in group]
+        return samples, [text for shard in samples for _, text, _ in shard]
+
+    start, forwards_before = time.perf_counter(), teacher.forwards
+    busiest = busiest_forwards(teacher, source, groups, token_budget, lambda group: read(group)[1])
     mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
     for group in groups[env.rank]:
         # sentences of several shards are length-sorted together: less padding than shard by shard
-        samples = [list(iter_shard_samples(source, [i], with_keys=True)) for i in group]
-        embeddings = teacher.embed([text for shard in samples for _, text, _ in shard], progress)
-        forwards += -(-len(embeddings) // teacher.batch_size)
+        samples, texts = read(group)
+        embeddings = teacher.embed(texts, progress, token_budget)
         first = 0
         for i, shard_samples in zip(group, samples):
             if i not in done:
@@ -98,7 +108,7 @@ def cache_teacher_embeddings(
                 shard.close()
             first += len(shard_samples)
     progress.close()
-    for _ in range(max(forwards_needed) - forwards if teacher.partitioned else 0):  # keep step with the gathers
+    for _ in range(busiest - (teacher.forwards - forwards_before)):  # keep step with the others' gathers
         teacher.padding_forward()
     distributed.barrier()
     seconds = time.perf_counter() - start
@@ -115,6 +125,7 @@ def cache_teacher_embeddings(
                 **teacher.describe(),
                 "dtype": "float16",
                 "batch_size": teacher.batch_size,
+                "token_budget": token_budget,
                 "sort_group": group_sentences,
                 "world_size": env.world_size,
                 "seconds": round(seconds, 2),
@@ -131,13 +142,38 @@ def cache_teacher_embeddings(
     distributed.barrier()
 
 
-def cache_plan(teacher: ZeroTeacher, source: ShardIndex, group_sentences: int | None = None) -> dict:
-    """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size, the
-    sort group): finished shards are reused only under an equal plan."""
+def busiest_forwards(teacher: ZeroTeacher, source: ShardIndex, groups: list, token_budget, texts) -> int:
+    """The teacher forwards of the busiest rank, which under ZeRO-3 every rank runs (padding ones where it has fewer):
+    with fixed batch sizes counted from the shard counts; with token budgets each rank plans its own groups
+    (`texts(group)` reads them, so their shards are read twice) and the ranks exchange their counts. Unpartitioned: 0
+    (no rank keeps step with another)."""
+    if not teacher.partitioned:
+        return 0
+    if not token_budget:
+        return max(sum(-(-sum(source.counts[i] for i in g) // teacher.batch_size) for g in mine) for mine in groups)
+    mine = sum(len(teacher.batches(texts(group), token_budget)) for group in groups[distributed.rank()])
+    return max(distributed.all_gather_objects(mine))
+
+
+def planned_token_budget(out_folder, default: int | None) -> int | None:
+    """The token budget the unfinished cache in `out_folder` was planned with (0, fixed batches, for a plan from before
+    token budgets), so that rerunning the same command continues it; `default` where there is no plan."""
+    try:
+        return json.loads((Path(out_folder) / CACHE_PLAN).read_text()).get("token_budget") or 0
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def cache_plan(
+    teacher: ZeroTeacher, source: ShardIndex, group_sentences: int | None = None, token_budget: int | None = None
+) -> dict:
+    """What a cache's shards depend on (the source, everything `ZeroTeacher.describe` names, the batch size or token
+    budget, the sort group): finished shards are reused only under an equal plan."""
     return {
         "source_index_sha256": source.index_sha256,
         **teacher.describe(),
         "batch_size": teacher.batch_size,  # a sentence's batch-mates set its padding, so its last bits
+        "token_budget": token_budget,
         # sentences length-sorted together (--sort-group): 4,096 (little padding once sorted), fewer for a small
         # corpus so that 16 groups or more share the work among the ranks; a function of the corpus, never of W
         "sort_group": group_sentences or min(4096, max(1, source.total // 16)),
@@ -155,10 +191,13 @@ def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> l
         earlier = json.loads(plan_path.read_text())
     except ValueError:
         earlier = None
+    if isinstance(earlier, dict):  # a plan written before token budgets: fixed batches (--teacher-token-budget 0)
+        earlier.setdefault("token_budget", None)
     if earlier != plan:
         raise UserError(
             f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt, dim, "
-            f"teacher batch size or sort group ({plan_path}); choose a new --out folder (or --overwrite)"
+            f"teacher batch size, token budget or sort group ({plan_path}); rerun with the flags that made it, or "
+            "choose a new --out folder (or --overwrite)"
         )
     return [
         i

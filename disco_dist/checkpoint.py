@@ -96,6 +96,7 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             "step": step,
             "world_size": distributed.world_size(),
             "optimizer_groups": len(engine.optimizer.param_groups),
+            "trained_elements": trained_elements(engine),
         }
         (partial / "COMPLETE").write_text(json.dumps(marker) + "\n")
         if final.exists():
@@ -146,6 +147,11 @@ def resolve_resume(resume: str | None, run_dir) -> Path | None:
     return path
 
 
+def trained_elements(engine) -> int:
+    """Parameter elements the run trains (what its optimizer state covers), the same on every rank."""
+    return sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+
+
 def load_checkpoint(engine, path: Path) -> tuple:
     """Restore the engine and this rank's RNG; return (trainer_state, extra)."""
     marker = json.loads((path / "COMPLETE").read_text())
@@ -154,11 +160,13 @@ def load_checkpoint(engine, path: Path) -> tuple:
             f"{path} was written by {marker['world_size']} ranks, this run has {distributed.world_size()}: "
             "the data order and optimizer partitions depend on it; resume with the same number of ranks"
         )
-    groups = len(engine.optimizer.param_groups)
-    if marker.get("optimizer_groups", groups) != groups:  # e.g. --logit-scale-lr added or dropped since
+    groups, elements = len(engine.optimizer.param_groups), trained_elements(engine)
+    # e.g. --logit-scale-lr or --freeze-word-embeddings changed since: the optimizer state would not fit
+    if (marker.get("optimizer_groups", groups), marker.get("trained_elements", elements)) != (groups, elements):
         raise UserError(
-            f"{path} was written with {marker['optimizer_groups']} optimizer parameter groups, this run has "
-            f"{groups}: resume with the run's own --logit-scale-lr setting (see its config.json)"
+            f"{path} was written training {marker.get('trained_elements', '?')} parameter elements in "
+            f"{marker['optimizer_groups']} optimizer groups, this run trains {elements} in {groups}: resume with the "
+            "run's own --logit-scale-lr and --freeze-word-embeddings settings (see its config.json)"
         )
     engine.load_checkpoint(
         str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True

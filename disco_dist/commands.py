@@ -38,20 +38,32 @@ def make_shards(args) -> Path:
 
 
 def cache_teacher(args) -> Path:
-    from .cache import cache_teacher_embeddings
+    from .cache import cache_teacher_embeddings, planned_token_budget
     from .ds_config import load_ds_config
     from .errors import UserError
     from .shards import read_index
-    from .teacher import ZeroTeacher
+    from .teacher import ZeroTeacher, default_token_budget
 
     if args.sort_group is not None and args.sort_group < 1:
         raise UserError(f"--sort-group must be at least 1, got {args.sort_group}")
+    if args.teacher_token_budget is not None and args.teacher_token_budget < 0:
+        raise UserError(f"--teacher-token-budget must be 0 (off) or more, got {args.teacher_token_budget}")
     read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
     load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
     teacher = ZeroTeacher.from_args(args, env.device)
+    budget = args.teacher_token_budget  # by default only where no --teacher-batch-size asks for fixed batches
+    if budget is None and args.teacher_batch_size is None:
+        budget = default_token_budget(env.device, teacher.partitioned)
+        budget = budget if args.overwrite else planned_token_budget(args.out, budget)  # a cut-short pass's own
     cache_teacher_embeddings(
-        teacher, args.shards, args.out, env, overwrite=args.overwrite, group_sentences=args.sort_group
+        teacher,
+        args.shards,
+        args.out,
+        env,
+        overwrite=args.overwrite,
+        group_sentences=args.sort_group,
+        token_budget=budget or None,
     )
     return args.out
 

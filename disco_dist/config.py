@@ -9,12 +9,11 @@ import argparse
 import json
 from pathlib import Path
 
-from . import config_output, precision, stream
+from . import config_output, config_teacher, precision, stream
 from .errors import UserError
 from .files import DS_CONFIGS
 
 DATA_ROOT_HELP = "data folder (default: $DISCO_DATA_ROOT or ../shared/data)"
-TEACHER = "all-mpnet-base-v2"
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,41 +37,6 @@ def add_precision_flag(parser, what_bf16_means: str) -> None:
         default=precision.default_precision(),
         help=f"bf16: {what_bf16_means}; auto: bf16 on a GPU that has it, and on a CPU whose bf16 matmul runs "
         f">= {precision.BF16_MIN_SPEEDUP}x fp32 (timed at start-up), else fp32 (default: $DISCO_PRECISION, else auto)",
-    )
-
-
-def add_teacher_flags(group) -> None:
-    """The teacher, as distill.py (online mode) and cache_teacher.py take it."""
-    group.add_argument("--teacher", default=TEACHER, help="teacher: folder, fetched name or hub id")
-    group.add_argument(
-        "--teacher-ds-config",
-        type=Path,
-        default=DS_CONFIGS / "teacher_zero3.json",
-        help="DeepSpeed config of the teacher (ZeRO stage 3)",
-    )
-    group.add_argument(
-        "--teacher-replicated",
-        action="store_true",
-        help="every rank holds the whole teacher instead of a ZeRO-3 share: no gathers, so faster where the "
-        "teacher fits in each rank's memory (e.g. a 110M-parameter teacher on CPU ranks)",
-    )
-    group.add_argument(
-        "--teacher-batch-size",
-        type=int,
-        help="sentences per teacher forward (default: 256 on a GPU; on a CPU 64 with several ranks, "
-        "16 with one); distill's online mode embeds several student batches per call",
-    )
-    group.add_argument(
-        "--teacher-prompt",
-        help="text put before every sentence the teacher embeds, e.g. a decoder "
-        "embedder's instruction (default: the teacher folder's default prompt, if any; '' for none)",
-    )
-    group.add_argument(
-        "--teacher-dim",
-        type=int,
-        metavar="N",
-        help="keep the first N dimensions of the teacher's "
-        "embeddings, re-normalised (Matryoshka-trained teachers; smaller caches)",
     )
 
 
@@ -116,6 +80,12 @@ def _common(parser: Parser, stage: str) -> None:
         help="auto: the student's dense layers compute real tokens only, not padding, where its architecture "
         "allows (BERT family, e.g. MiniLM); same results to float rounding",
     )
+    g.add_argument(
+        "--freeze-word-embeddings",
+        action="store_true",
+        help="keep the student's word embeddings as they are: no gradient, no optimizer state and no all-reduce "
+        "of their (vocabulary x width) gradient, most of a small student (S2: 11.7M of 17.4M parameters)",
+    )
     g.add_argument("--num-workers", type=int, default=0, help="tokenising worker processes per rank")
     g = parser.add_argument_group("checkpoints, monitoring, selection")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only at the end)")
@@ -157,7 +127,7 @@ def distill_parser() -> Parser:
     g = parser.add_argument_group("models")
     g.add_argument("--student", default="all-MiniLM-L6-v2", help="student: folder, fetched name or hub id")
     g.add_argument("--keep-layers", type=int, nargs="+", metavar="I", help="keep only these student layers")
-    add_teacher_flags(g)
+    config_teacher.add_teacher_flags(g)
     g = parser.add_argument_group("data and loss")
     g.add_argument(
         "--shards",
@@ -291,15 +261,10 @@ def cache_teacher_parser() -> Parser:
         help="shard folder made by make_shards.py (or its http(s):// URL, or 'pipe:COMMAND' printing {name})",
     )
     parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
-    add_teacher_flags(parser)
+    config_teacher.add_teacher_flags(parser)
     parser.add_argument("--max-length", type=int, default=128)
     add_precision_flag(parser, "the teacher holds bf16 weights; embeddings are stored as fp16 either way")
-    parser.add_argument(
-        "--sort-group",
-        type=int,
-        help="sentences length-sorted together into teacher batches (default 4,096; a corpus under 65,536 "
-        "sentences: its 16th, so that 16 groups share the work among ranks)",
-    )
+    config_teacher.add_cache_batching_flags(parser)
     parser.add_argument("--overwrite", action="store_true")
     add_local_rank(parser)
     return parser

@@ -261,16 +261,15 @@ class Encoder(nn.Module):
             return_tensors="pt",
         )
 
+    def token_counts(self, sentences) -> list:
+        """Tokens of the prompt + each sentence, after truncation: what a batch pads to."""
+        ids = self.tokenizer([self.prompt + s for s in sentences], truncation=True, max_length=self.max_length)
+        return [len(i) for i in ids["input_ids"]]
+
     def length_order(self, sentences) -> list:
         """Indices of `sentences`, shortest first by token count (what padding follows). Sorting by characters
         instead left 24% of a teacher batch of 16 as padding on Wikipedia sentences (under 1% this way)."""
-        lengths = [
-            len(ids)
-            for ids in self.tokenizer(
-                [self.prompt + s for s in sentences], truncation=True, max_length=self.max_length
-            )["input_ids"]
-        ]
-        return sorted(range(len(sentences)), key=lengths.__getitem__)
+        return sorted(range(len(sentences)), key=self.token_counts(sentences).__getitem__)
 
     def pool(self, outputs, attention_mask):
         if self.pooling == "cls":

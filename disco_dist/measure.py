@@ -144,7 +144,6 @@ def worker_teacher_ranks(spec: dict) -> dict:
     and the same precision on both sides."""
     from . import distributed
     from .encoder import Encoder
-    from .files import DS_CONFIGS
     from .shards import iter_shard_samples, read_index
     from .teacher import ZeroTeacher, default_teacher_batch_size
 
@@ -156,28 +155,27 @@ def worker_teacher_ranks(spec: dict) -> dict:
     if spec["mode"] == "zero3":
         teacher = ZeroTeacher(
             spec["teacher"],
-            spec.get("ds_config") or DS_CONFIGS / "teacher_zero3.json",
+            spec["ds_config"],
             env.device,
             batch_size=batch_size,
             max_length=spec["max_length"],
             precision=spec["precision"],
         )
-        embed = teacher.embed
+        model, embed = teacher.encoder.model, teacher.embed
     else:
         dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
         encoder = Encoder.from_pretrained(spec["teacher"], max_length=spec["max_length"]).to(env.device, dtype)
-        embed = lambda chunk: encoder.encode(chunk, batch_size=batch_size)  # noqa: E731
+        model, embed = encoder.model, lambda chunk: encoder.encode(chunk, batch_size=batch_size)
     embed(mine[:8])  # warm-up (and, under ZeRO-3, the same number of forwards on every rank)
     distributed.barrier()
     start = time.perf_counter()
     embed(mine)
     distributed.barrier()
     seconds = time.perf_counter() - start
-    dtype = next((teacher.encoder if spec["mode"] == "zero3" else encoder).model.parameters()).dtype
     return {
         "sentences_per_s": len(texts[: len(mine) * env.world_size]) / seconds,
         "batch_size": batch_size,
-        "dtype": str(dtype).removeprefix("torch."),  # what the side really ran at, for the row
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # what the side really ran at, for the row
     }
 
 

@@ -85,6 +85,8 @@ class Student(nn.Module):
     @classmethod
     def for_run(cls, args, encoder: Encoder, head=None, scale=None, prefix_heads=()) -> "Student":
         widths = matryoshka_weights(args) or ()
+        if args.freeze_word_embeddings:
+            encoder.model.get_input_embeddings().requires_grad_(False)
         return cls(encoder, head, scale, args.precision == "bf16", args.unpadded, [d for d, _ in widths], prefix_heads)
 
     def forward(self, input_ids, attention_mask) -> tuple:

@@ -82,6 +82,11 @@ def main(argv=None):
         dest="zero3_config",
         help="zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default ds_configs/teacher_zero3.json)",
     )
+    parser.add_argument(
+        "--teacher-token-budget",
+        type=int,
+        help="teacher_encode: the cache pass's token budget (default: cache_teacher.py's; 0: fixed batches)",
+    )
     parser.add_argument("--work-dir", default=defaults.work_dir)
     parser.add_argument("--out", type=Path, help="JSON file the rows are merged into (default docs/benchmarks.json)")
     args = parser.parse_args(argv)
@@ -103,6 +108,7 @@ def main(argv=None):
         "bf16_shards",
         "time_to_student_run",
         "zero3_config",
+        "teacher_token_budget",
     ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -110,9 +116,11 @@ def main(argv=None):
         values["st_batch_sizes"] = tuple(args.st_batch_sizes)
     if "--parts" in argv or not args.gpu:
         values["parts"] = tuple(args.parts)
-    if args.zero3_config and not args.out:  # a variant's row would replace the default's in docs/benchmarks.json
+    variants = {"--teacher-ds-config": args.zero3_config, "--teacher-token-budget": args.teacher_token_budget}
+    variant = next((flag for flag, value in variants.items() if value is not None), None)
+    if variant and not args.out:  # a variant's row would replace the default's in docs/benchmarks.json
         raise UserError(
-            "--teacher-ds-config times a variant: give --out FILE for its row (docs/benchmarks.json keeps the default)"
+            f"{variant} times a variant: give --out FILE for its row (docs/benchmarks.json keeps the default)"
         )
     args.out = args.out or Path("docs") / "benchmarks.json"
     if values.get("warmup_steps", defaults.warmup_steps) < 2:

@@ -128,7 +128,7 @@ def main(argv=None):
             cached,
             "--teacher",
             teacher,
-            *flags({k: demo.get(k) for k in ("teacher_batch_size", "teacher_replicated")}),
+            *flags({k: demo.get(k) for k in ("teacher_batch_size", "teacher_token_budget", "teacher_replicated")}),
             "--overwrite",
             ranks=demo.get("teacher_ranks", args.ranks),  # S2-fast: 2 ranks, each a whole replica (no ZeRO-3 gathers)
         )

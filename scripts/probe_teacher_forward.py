@@ -5,7 +5,7 @@
 Rows, each over the same length-sorted sentences, repeated in turn (A, B, C, ..., A, B, C, ...):
   eager b16      transformers' MPNet attention (matmul, + relative position bias, + mask, softmax, matmul), batch 16
   sdpa b16       the same attention through F.scaled_dot_product_attention, the bias and mask as one additive mask
-  eager tok N    batches filled up to N padded tokens instead of a fixed count of sentences
+  eager tok N    batches filled up to N padded tokens instead of a fixed count of sentences (--budgets)
 The SDPA row's embeddings are compared with the eager row's (max abs difference printed).
 """
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--teacher", default="all-mpnet-base-v2")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[512, 1024], help="token budgets to time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with gzip.open(resolve_data_root(None) / "wiki" / "wiki_en_sentences_100k.txt.gz", "rt") as f:
@@ -57,7 +58,7 @@ def main() -> None:
 
     fixed = [order[s : s + 16] for s in range(0, len(order), 16)]
     plans = {"eager b16": (EAGER, fixed), "sdpa b16": (sdpa_attention, fixed)}
-    plans.update({f"eager tok {n}": (EAGER, budget(n)) for n in (512, 1024)})
+    plans.update({f"eager tok {n}": (EAGER, budget(n)) for n in args.budgets})
     rates, outputs = {name: [] for name in plans}, {}
     with torch.inference_mode():
         for _ in range(args.repeats):

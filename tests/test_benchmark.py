@@ -54,6 +54,8 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         32,
         "--teacher-ds-config",
         REPO / "ds_configs" / "teacher_zero3_prefetch.json",
+        "--teacher-token-budget",
+        300,
         "--work-dir",
         tmp_path / "work",
         "--out",
@@ -72,6 +74,7 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         "loader_headroom",
         "ckd_overhead",
     ]
+    assert rows[0]["detail"]["disco_token_budget"] == 300, rows[0]  # the cache pass ran with the budget asked for
     zero3 = rows[1]  # both sides at the benchmark's precision (fp32), the ZeRO-3 side under the config asked for
     assert zero3["detail"]["zero3_config"] == "teacher_zero3_prefetch.json", zero3
     assert zero3["detail"]["dtypes"] == ["replicated float32", "zero3 float32"], zero3

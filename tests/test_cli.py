@@ -27,10 +27,12 @@ def test_missing_shard_folder(tmp_path):
     )
 
 
-def test_a_benchmark_variant_config_without_its_own_out_file_is_refused():
-    """--teacher-ds-config times a variant: merged into docs/benchmarks.json it would replace the default's row."""
-    result = run("benchmark.py", "--parts", "zero3_vs_replicated", "--teacher-ds-config", "ds_configs/x.json")
-    assert_one_line(result, "--teacher-ds-config", "--out")
+@pytest.mark.parametrize("variant", [("--teacher-ds-config", "ds_configs/x.json"), ("--teacher-token-budget", "0")])
+def test_a_benchmark_variant_without_its_own_out_file_is_refused(variant):
+    """A variant (another ZeRO-3 config, another token budget) merged into docs/benchmarks.json would replace the
+    default's row: it needs its own --out."""
+    result = run("benchmark.py", "--parts", "zero3_vs_replicated", "teacher_encode", *variant)
+    assert_one_line(result, variant[0], "--out")
 
 
 def test_missing_student_folder(tiny, tmp_path):

@@ -59,15 +59,63 @@ def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
         assert cosine.min() > 0.999 and not torch.equal(result["embeddings"], expected)
 
 
-def cache_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences=None, replicated=False):
+def cache_rank(
+    rank, world_size, model_dir, ds_config, source, out, group_sentences=None, replicated=False, token_budget=None
+):
     from disco_dist.cache import cache_teacher_embeddings
     from disco_dist.distributed import read_env
     from disco_dist.teacher import ZeroTeacher
 
     env = read_env()
     teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8, replicated=replicated)
-    cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None, group_sentences=group_sentences)
-    return teacher.local_parameter_fraction()
+    cache_teacher_embeddings(
+        teacher, source, out, env, log=lambda *_: None, group_sentences=group_sentences, token_budget=token_budget
+    )
+    return {"fraction": teacher.local_parameter_fraction(), "forwards": teacher.forwards}
+
+
+def test_token_budget_batches_hold_each_sentence_once_within_the_budget(tmp_path):
+    """--teacher-token-budget: longest sentences first, each batch as many as fit the budget in padded tokens (a
+    sentence longer than the budget alone); every sentence once; the embeddings those of the fixed batches."""
+    from disco_dist.teacher import ZeroTeacher
+
+    model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
+    teacher = ZeroTeacher(model_dir, REPO / "ds_configs" / "teacher_zero3.json", torch.device("cpu"), batch_size=4)
+    sentences = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(40)]
+    lengths = teacher.encoder.token_counts(sentences)
+    batches = teacher.batches(sentences, token_budget=200)
+    assert sorted(i for batch in batches for i in batch) == list(range(40))
+    assert [lengths[batch[0]] for batch in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    for batch in batches:
+        assert max(lengths[i] for i in batch) == lengths[batch[0]]
+        assert len(batch) == 1 or lengths[batch[0]] * len(batch) <= 200
+    assert max(map(len, batches)) > 4 and len(batches[0]) < 4  # short ones share a batch, long ones fewer
+    forwards = teacher.forwards
+    torch.testing.assert_close(teacher.embed(sentences, token_budget=200), teacher.embed(sentences), atol=1e-5, rtol=0)
+    assert teacher.forwards - forwards == len(batches) + 10
+
+
+@pytest.mark.timeout(180)  # a broken count exchange hangs the gathers
+def test_a_zero3_cache_pass_with_a_token_budget_keeps_the_ranks_in_step_and_equals_one_rank(tmp_path):
+    """Token-budget batches differ in count between the ranks' shards; under ZeRO-3 the ranks exchange their counts
+    and the one with fewer runs padding forwards (else the gathers hang). The shards equal a 1-rank pass's, byte for
+    byte, and the index records the budget."""
+    model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {i} dog plays" + " in a park" * (i % 9) for i in range(45)) + "\n")
+    make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)  # 5 shards: uneven over 2 ranks
+    config, indexes, results = str(REPO / "ds_configs" / "teacher_zero3.json"), {}, {}
+    for ranks in (2, 1):
+        out = tmp_path / f"cached-{ranks}"
+        results[ranks] = run_on_ranks(
+            cache_rank, ranks, tmp_path, str(model_dir), config, str(tmp_path / "src"), str(out), None, False, 40
+        )
+        indexes[ranks] = json.loads((out / "index.json").read_text())
+    assert max(r["fraction"] for r in results[2]) < 0.7 and indexes[2]["teacher"]["token_budget"] == 40
+    # both ranks ran the busier one's count; together more than the 1-rank pass's batches: one rank padded
+    assert results[2][0]["forwards"] == results[2][1]["forwards"]
+    assert 2 * results[2][0]["forwards"] > results[1][0]["forwards"]
+    assert indexes[2]["shards"] == indexes[1]["shards"]  # names, counts, sha256
 
 
 def test_a_replicated_teacher_holds_it_all_and_caches_what_zero3_caches(tmp_path):
@@ -84,7 +132,7 @@ def test_a_replicated_teacher_holds_it_all_and_caches_what_zero3_caches(tmp_path
             cache_rank, 2, tmp_path, str(model_dir), config, str(tmp_path / "src"), str(out), None, replicated
         )
         embeddings[replicated] = np.stack([e for _, e in iter_shard_samples(read_index(out))])
-    assert fractions[True] == [1.0, 1.0] and max(fractions[False]) < 0.7
+    assert [r["fraction"] for r in fractions[True]] == [1.0, 1.0] and max(r["fraction"] for r in fractions[False]) < 0.7
     np.testing.assert_array_equal(embeddings[True], embeddings[False])
 
 
@@ -137,6 +185,9 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     (partial / "shard-000001.tar.tmp").write_bytes(b"half")
     kept = {name: (partial / name).stat().st_mtime_ns for name in ("shard-000000.tar", "shard-000003.tar")}
     run_on_ranks(plan_only_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial), 20)
+    plan = json.loads((partial / CACHE_PLAN).read_text())
+    del plan["token_budget"]  # as plans were written before token budgets: fixed batches, still continued
+    (partial / CACHE_PLAN).write_text(json.dumps(plan))
     run_on_ranks(cache_rank, 1, tmp_path, str(model_dir), ds_config, str(tmp_path / "src"), str(partial), 20)
 
     assert json.loads((partial / "index.json").read_text())["shards"] == whole["shards"]  # names, counts, sha256
@@ -153,6 +204,37 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
         str(other),
         "unfinished cache of another source",
     )
+
+
+def test_a_cut_short_cache_from_before_token_budgets_continues_with_the_same_command(tmp_path):
+    """cache_teacher.py's default is now a token budget (a CPU teacher, one rank), yet rerunning the command that made
+    an unfinished cache continues it as it was planned: a plan from before token budgets, with fixed batches."""
+    import shutil
+
+    from disco_dist.cache import CACHE_PLAN, cache_plan
+    from disco_dist.teacher import ZeroTeacher
+
+    model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3).resolve()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {i} dog plays" + " in a park" * (i % 9) for i in range(45)) + "\n")
+    make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)
+    src, fixed, default, partial = (tmp_path / name for name in ("src", "fixed", "default", "partial"))
+    for out, extra in ((fixed, ("--teacher-token-budget", 0)), (default, ())):
+        result = run("cache_teacher.py", "--shards", src, "--out", out, "--teacher", model_dir, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    index = {out: json.loads((out / "index.json").read_text()) for out in (fixed, default)}
+    assert index[fixed]["teacher"]["token_budget"] is None and index[default]["teacher"]["token_budget"] == 1024
+
+    partial.mkdir()  # what a pass cut short before token budgets leaves: its plan (no budget in it), a finished shard
+    shutil.copy(fixed / "shard-000000.tar", partial / "shard-000000.tar")
+    teacher = ZeroTeacher(model_dir, REPO / "ds_configs" / "teacher_zero3.json", torch.device("cpu"))
+    plan = cache_plan(teacher, read_index(src))
+    del plan["token_budget"]
+    (partial / CACHE_PLAN).write_text(json.dumps(plan))
+    result = run("cache_teacher.py", "--shards", src, "--out", partial, "--teacher", model_dir)
+    assert result.returncode == 0 and "continuing" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    continued = json.loads((partial / "index.json").read_text())
+    assert continued["shards"] == index[fixed]["shards"] and continued["teacher"]["token_budget"] is None
 
 
 def plan_only_rank(rank, world_size, model_dir, ds_config, source, out, group_sentences):

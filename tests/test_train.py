@@ -147,6 +147,12 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
         -2000:
     ]
 
+    # the word embeddings frozen on resume: the same groups, but the optimizer state would not fit; one line too
+    resume = ("--resume", full / "checkpoints" / "step-00000020", "--freeze-word-embeddings")
+    result = launch("distill.py", distill_args(root, student, teacher, tmp_path / "frozen", *resume))
+    assert result.returncode == 2 and "--freeze-word-embeddings" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
 
 def assert_same_weights(run_a, run_b):
     for a, b in zip(
@@ -231,6 +237,21 @@ def test_mse_loss_falls_with_cached_teacher(setup, tmp_path, precision):
     assert steps[-1] == 3 * (1200 // 2 // 16)  # 3 epochs of 37 batches per rank
     assert losses[steps[-1]] < 0.5 * losses[steps[0]]
     assert scalars(run)["time/teacher_share"][steps[-1]] == 0.0  # cached: the teacher never runs
+
+
+def test_frozen_word_embeddings_stay_as_they_were_while_the_rest_trains(setup, tmp_path):
+    """--freeze-word-embeddings (2 ranks, online teacher): the saved student's word embeddings equal the initial
+    ones bit for bit, while its other matrices moved."""
+    root, student, teacher = setup
+    run = tmp_path / "frozen"
+    extra = ("--freeze-word-embeddings", "--max-steps", 8, "--checkpoint-every", 0)
+    result = launch("distill.py", distill_args(root, student, teacher, run, *extra))
+    assert result.returncode == 0 and "finished: 8 steps" in result.stdout, result.stderr[-3000:]
+    before, after = (dict(Encoder.from_pretrained(m).model.named_parameters()) for m in (student, run / "final"))
+    words = "embeddings.word_embeddings.weight"
+    assert torch.equal(after[words], before[words])
+    moved = [name for name, p in after.items() if p.ndim == 2 and name != words and not torch.equal(p, before[name])]
+    assert len(moved) >= 10, moved  # the layers' matrices (and position embeddings) trained
 
 
 def finetune_args(student, run_dir, *extra):
