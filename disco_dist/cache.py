@@ -28,7 +28,7 @@ from .shards import (
     write_index,
 )
 from .stream import describe
-from .teacher import ZeroTeacher
+from .teacher import ZeroTeacher, default_token_budget
 
 CACHE_PLAN = "cache-plan.json"  # in an unfinished cache folder: what its finished shards were made from
 
@@ -155,13 +155,33 @@ def busiest_forwards(teacher: ZeroTeacher, source: ShardIndex, groups: list, tok
     return max(distributed.all_gather_objects(mine))
 
 
-def planned_token_budget(out_folder, default: int | None) -> int | None:
-    """The token budget the unfinished cache in `out_folder` was planned with (0, fixed batches, for a plan from before
-    token budgets), so that rerunning the same command continues it; `default` where there is no plan."""
+def resolve_token_budget(asked: int | None, batch_size_asked: bool, teacher: ZeroTeacher, out_folder, overwrite: bool):
+    """The token budget of a cache pass, None for fixed batches: the one asked for (0: fixed batches); fixed batches
+    where a teacher batch size was asked for; an unfinished cache's own, so that rerunning the same command continues
+    it (fixed batches for a plan from before token budgets); else the teacher's default (`default_token_budget`)."""
+    if asked is not None:
+        return asked or None
+    if batch_size_asked:
+        return None
+    earlier = None if overwrite else _read_plan(Path(out_folder))
+    if earlier:
+        return earlier["token_budget"]
+    return default_token_budget(teacher.device, teacher.partitioned)
+
+
+def _read_plan(out_folder: Path) -> dict | None:
+    """The plan of an unfinished cache in `out_folder` (one from before token budgets: fixed batches); None where
+    there is none, {} where it cannot be read (no plan equals it)."""
     try:
-        return json.loads((Path(out_folder) / CACHE_PLAN).read_text()).get("token_budget") or 0
-    except (OSError, ValueError, AttributeError):
-        return default
+        plan = json.loads((out_folder / CACHE_PLAN).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(plan, dict):
+        return {}
+    plan.setdefault("token_budget", None)
+    return plan
 
 
 def cache_plan(
@@ -182,22 +202,16 @@ def cache_plan(
 
 def _finished_shards(source, out_folder: Path, plan: dict, overwrite: bool) -> list:
     """Source shard numbers already cached whole in an unfinished `out_folder` made by the same plan."""
-    plan_path = out_folder / CACHE_PLAN
     if (out_folder / INDEX).exists() and not overwrite:
         raise UserError(f"{out_folder} already holds shards; choose a new --out folder (or --overwrite)")
-    if overwrite or not plan_path.is_file():
+    earlier = None if overwrite else _read_plan(out_folder)
+    if earlier is None:
         return []
-    try:
-        earlier = json.loads(plan_path.read_text())
-    except ValueError:
-        earlier = None
-    if isinstance(earlier, dict):  # a plan written before token budgets: fixed batches (--teacher-token-budget 0)
-        earlier.setdefault("token_budget", None)
     if earlier != plan:
         raise UserError(
             f"{out_folder} holds an unfinished cache of another source, teacher, max length, precision, prompt, dim, "
-            f"teacher batch size, token budget or sort group ({plan_path}); rerun with the flags that made it, or "
-            "choose a new --out folder (or --overwrite)"
+            f"teacher batch size, token budget or sort group ({out_folder / CACHE_PLAN}); rerun with the flags that "
+            "made it, or choose a new --out folder (or --overwrite)"
         )
     return [
         i

@@ -38,11 +38,11 @@ def make_shards(args) -> Path:
 
 
 def cache_teacher(args) -> Path:
-    from .cache import cache_teacher_embeddings, planned_token_budget
+    from .cache import cache_teacher_embeddings, resolve_token_budget
     from .ds_config import load_ds_config
     from .errors import UserError
     from .shards import read_index
-    from .teacher import ZeroTeacher, default_token_budget
+    from .teacher import ZeroTeacher
 
     if args.sort_group is not None and args.sort_group < 1:
         raise UserError(f"--sort-group must be at least 1, got {args.sort_group}")
@@ -52,10 +52,9 @@ def cache_teacher(args) -> Path:
     load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
     teacher = ZeroTeacher.from_args(args, env.device)
-    budget = args.teacher_token_budget  # by default only where no --teacher-batch-size asks for fixed batches
-    if budget is None and args.teacher_batch_size is None:
-        budget = default_token_budget(env.device, teacher.partitioned)
-        budget = budget if args.overwrite else planned_token_budget(args.out, budget)  # a cut-short pass's own
+    budget = resolve_token_budget(
+        args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
+    )
     cache_teacher_embeddings(
         teacher,
         args.shards,
@@ -63,7 +62,7 @@ def cache_teacher(args) -> Path:
         env,
         overwrite=args.overwrite,
         group_sentences=args.sort_group,
-        token_budget=budget or None,
+        token_budget=budget,
     )
     return args.out
 

@@ -266,10 +266,12 @@ class Encoder(nn.Module):
         ids = self.tokenizer([self.prompt + s for s in sentences], truncation=True, max_length=self.max_length)
         return [len(i) for i in ids["input_ids"]]
 
-    def length_order(self, sentences) -> list:
-        """Indices of `sentences`, shortest first by token count (what padding follows). Sorting by characters
-        instead left 24% of a teacher batch of 16 as padding on Wikipedia sentences (under 1% this way)."""
-        return sorted(range(len(sentences)), key=self.token_counts(sentences).__getitem__)
+    def length_order(self, sentences, lengths: list | None = None) -> list:
+        """Indices of `sentences`, shortest first by token count (what padding follows; `lengths`: their
+        `token_counts` where already known). Sorting by characters instead left 24% of a teacher batch of 16 as
+        padding on Wikipedia sentences (under 1% this way)."""
+        lengths = self.token_counts(sentences) if lengths is None else lengths
+        return sorted(range(len(sentences)), key=lengths.__getitem__)
 
     def pool(self, outputs, attention_mask):
         if self.pooling == "cls":

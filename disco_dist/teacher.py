@@ -131,7 +131,7 @@ class ZeroTeacher:
         padding): `batch_size` at a time, shortest first; or, with `token_budget`, longest first, each batch as many
         sentences as fit in that many padded tokens (its first sentence's count times its size; one at least)."""
         lengths = self.encoder.token_counts(sentences)
-        order = sorted(range(len(sentences)), key=lengths.__getitem__)
+        order = self.encoder.length_order(sentences, lengths)
         if not token_budget:
             return [order[first : first + self.batch_size] for first in range(0, len(order), self.batch_size)]
         batches = []

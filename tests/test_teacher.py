@@ -250,3 +250,24 @@ def plan_only_rank(rank, world_size, model_dir, ds_config, source, out, group_se
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
     write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source), group_sentences))
     return True
+
+
+def test_the_cache_token_budget_is_the_one_asked_else_the_unfinished_plan_s_else_the_default(tmp_path):
+    """What `cache_teacher.py` batches by: --teacher-token-budget wins (0: fixed batches); --teacher-batch-size means
+    fixed batches; an unfinished cache keeps its own plan's budget (so the same command continues it) unless
+    --overwrite; else 1,024 for a CPU teacher that is not partitioned and fixed batches under ZeRO-3."""
+    from types import SimpleNamespace
+
+    from disco_dist.cache import CACHE_PLAN, resolve_token_budget
+
+    cpu, zero3 = (SimpleNamespace(device=torch.device("cpu"), partitioned=p) for p in (False, True))
+    assert resolve_token_budget(0, False, cpu, tmp_path, False) is None
+    assert resolve_token_budget(300, True, zero3, tmp_path, False) == 300
+    assert resolve_token_budget(None, True, cpu, tmp_path, False) is None
+    assert resolve_token_budget(None, False, cpu, tmp_path, False) == 1024
+    assert resolve_token_budget(None, False, zero3, tmp_path, False) is None
+    (tmp_path / CACHE_PLAN).write_text(json.dumps({"token_budget": 512}))
+    assert resolve_token_budget(None, False, cpu, tmp_path, False) == 512
+    assert resolve_token_budget(None, False, cpu, tmp_path, True) == 1024
+    (tmp_path / CACHE_PLAN).write_text(json.dumps({"sort_group": 16}))  # a plan from before token budgets
+    assert resolve_token_budget(None, False, cpu, tmp_path, False) is None
