@@ -15,8 +15,7 @@ and reports the median of the repeats. The rows (see docs/benchmarks.md):
   time_to_student_min  minutes from nothing to a scored S2 student (`demo.py --recipe S2-fast`), with its STS avg
 
 disco-dist's side runs the user's commands (`python -m disco_dist.commands distill ...`, see
-distributed.command_argv), the other side the workers of `disco_dist.measure`. Also here: the
-encoding speed of a recipe's student against its teacher (the speed table of docs/results.md).
+distributed.command_argv), the other side the workers of `disco_dist.measure`.
 """
 
 import json
@@ -35,7 +34,6 @@ from .distributed import command_argv, threads_per_rank
 from .files import DS_CONFIGS
 from .measure import (
     alternate,
-    encode_speed,
     matmul_rate,
     printed_result,
     rate_after_warmup,
@@ -70,6 +68,7 @@ class Settings:
     bf16_steps: int = 200  # bf16_training: steps of each side
     bf16_shards: str | None = None  # teacher-cached shards for bf16_training (required by that part)
     bf16_keep_layers: tuple = (0, 2, 5)  # S2
+    mfu_ranks: int = 2  # mfu: the ranks of the row's training run (one per core here; 0: st_training's one process)
     zero3_config: str = str(DS_CONFIGS / "teacher_zero3.json")  # zero3_vs_replicated: the ZeRO-3 side's config
     time_to_student_run: str | None = None  # the finished `demo.py --recipe S2-fast` run that time_to_student_min reads
     parts: tuple = ("st_training", "teacher_encode", "zero3_vs_replicated", "mfu", "loader_headroom", "ckd_overhead")
@@ -302,6 +301,10 @@ class Benchmark(WholeRuns):
         self.training  # noqa: B018
 
     def mfu(self) -> None:
+        """FLOPs of the real tokens over the matmul peak, for the one-process run of st_training and, with
+        `mfu_ranks`, for the layout `deepspeed launchers/distill.py` trains in on this machine: that many ranks
+        side by side (the row's value), against the higher of the one-process rate and that of as many ranks
+        timing at once."""
         from transformers import AutoConfig, AutoTokenizer
 
         from .encoder import resolve_model_path
@@ -316,13 +319,28 @@ class Benchmark(WholeRuns):
         flops = training_flops_per_sentence(config, lengths, teacher_dim)
         dtype = torch.bfloat16 if self.s.precision == "bf16" else torch.float32
         peak = matmul_rate(torch.device(self.s.device), dtype)
-        ours, theirs = (training[k] * flops / peak for k in ("disco", "st"))
+        one, theirs = (training[k] * flops / peak for k in ("disco", "st"))
+        detail = dict(one_process_mfu=round(one, 6), matmul_tflops=round(peak / 1e12, 4))
+        if ranks := self.s.mfu_ranks:
+            rates = [
+                self._distill(self.cached, "mse", self.s.steps, self.s.warmup_steps, ranks)
+                for _ in range(self.s.repeats)
+            ]
+            ranks_peak = self._worker("matmul", self._spec(), ranks)["flops"]
+            detail.update(
+                ranks=ranks,
+                ranks_sentences_per_s=[round(r, 2) for r in rates],
+                ranks_matmul_tflops=round(ranks_peak / 1e12, 4),
+            )
+        # over the higher of the two peaks: the most this machine's cores did at a matmul, either way
+        value = statistics.median(rates) * flops / max(peak, ranks_peak) if ranks else one
         self._add(
             "mfu",
-            ours,
+            value,
             self.s.command,
+            **detail,
             st_mfu=round(theirs, 4),
-            matmul_tflops=round(peak / 1e12, 4),
+            precision=self.s.precision,
             gflops_per_sentence=round(flops / 1e9, 3),
             mean_tokens=round(sum(lengths) / len(lengths), 1),
         )
@@ -373,24 +391,3 @@ class Benchmark(WholeRuns):
             repeats_mse=a,
             repeats_ckd=b,
         )
-
-
-# ---------------------------------------------------------------- a recipe's encoding speed (docs/results.md)
-
-
-def record_encode_speed(recipe: dict, teacher: str, results_path: Path, command: str, log=print) -> list:
-    """encode_speed on the unique sentences of STS-B test, each row marked with `command`, logged and merged
-    into the results file's speed rows; the rows."""
-    from .data import read_sts_task
-    from .results import merge_speed_rows
-
-    pairs = read_sts_task("STSBenchmark", split="test")
-    rows = encode_speed(recipe, teacher, list(dict.fromkeys(pairs.sentences1 + pairs.sentences2)))
-    for row in rows:
-        row["command"] = command
-        log(
-            f"{row['student']} batch {row['batch_size']}: {row['student_sentences_per_s']} vs teacher "
-            f"{row['teacher_sentences_per_s']} sentences/s ({row['speedup']}x)"
-        )
-    merge_speed_rows(results_path, rows)
-    return rows

@@ -179,7 +179,25 @@ def worker_teacher_ranks(spec: dict) -> dict:
     }
 
 
-WORKERS = {"st_training": worker_st_training, "st_encode": worker_st_encode, "teacher_ranks": worker_teacher_ranks}
+def worker_matmul(spec: dict) -> dict:
+    """Under `deepspeed --num_gpus R`: every rank times dense matmuls at the same time, on its share of the
+    cores; their summed FLOP/s, the peak that R ranks training side by side can reach."""
+    from . import distributed
+
+    env = distributed.init_distributed(spec.get("local_rank", -1))
+    distributed.barrier()
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    rate = torch.tensor([matmul_rate(env.device, dtype)], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(rate)
+    return {"flops": rate.item(), "ranks": env.world_size}
+
+
+WORKERS = {
+    "st_training": worker_st_training,
+    "st_encode": worker_st_encode,
+    "teacher_ranks": worker_teacher_ranks,
+    "matmul": worker_matmul,
+}
 
 
 def worker_main(name: str, spec: dict) -> None:
@@ -288,6 +306,24 @@ def encode_speed(
                 "speedup": round(s / t, 2),
             }
         )
+    return rows
+
+
+def record_encode_speed(recipe: dict, teacher: str, results_path: Path, command: str, log=print) -> list:
+    """encode_speed on the unique sentences of STS-B test, each row marked with `command`, logged and merged
+    into the results file's speed rows; the rows."""
+    from .data import read_sts_task
+    from .results import merge_speed_rows
+
+    pairs = read_sts_task("STSBenchmark", split="test")
+    rows = encode_speed(recipe, teacher, list(dict.fromkeys(pairs.sentences1 + pairs.sentences2)))
+    for row in rows:
+        row["command"] = command
+        log(
+            f"{row['student']} batch {row['batch_size']}: {row['student_sentences_per_s']} vs teacher "
+            f"{row['teacher_sentences_per_s']} sentences/s ({row['speedup']}x)"
+        )
+    merge_speed_rows(results_path, rows)
     return rows
 
 

@@ -1,7 +1,7 @@
 """Speed benchmarks, each a ratio taken side by side on this machine (see docs/benchmarks.md); prints a table
 and writes the rows to JSON (rows of other devices in that file are kept).
 
-    python launchers/benchmark.py                        # every row, CPU sizes (about 30 min on 2 cores)
+    python launchers/benchmark.py                        # every row, CPU sizes (about 35 min on 2 cores)
     python launchers/benchmark.py --gpu                  # rows 1-3 in bf16 on one GPU, GPU sizes (< 8 min)
     python launchers/benchmark.py --parts st_training mfu --repeats 1
     python launchers/benchmark.py --parts bf16_training --bf16-shards runs/fast/shards-teacher   # ~12 min
@@ -32,6 +32,7 @@ GPU_SIZES = {
     "steps": 50,
     "warmup_steps": 10,
     "parts": ("st_training", "teacher_encode", "mfu"),
+    "mfu_ranks": 0,  # one GPU: the mfu row is st_training's one process
 }
 
 
@@ -78,6 +79,15 @@ def main(argv=None):
     )
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, the GPU sizes")
     parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="every part's precision, both sides (default fp32; --gpu: bf16)"
+    )
+    parser.add_argument(
+        "--mfu-ranks",
+        type=int,
+        help=f"mfu: ranks of the row's training run, one thread each here (default {defaults.mfu_ranks}; "
+        "0: st_training's one process)",
+    )
+    parser.add_argument(
         "--teacher-ds-config",
         dest="zero3_config",
         help="zero3_vs_replicated: the ZeRO-3 side's DeepSpeed config (default ds_configs/teacher_zero3.json)",
@@ -109,6 +119,8 @@ def main(argv=None):
         "time_to_student_run",
         "zero3_config",
         "teacher_token_budget",
+        "precision",
+        "mfu_ranks",
     ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -116,12 +128,21 @@ def main(argv=None):
         values["st_batch_sizes"] = tuple(args.st_batch_sizes)
     if "--parts" in argv or not args.gpu:
         values["parts"] = tuple(args.parts)
-    variants = {"--teacher-ds-config": args.zero3_config, "--teacher-token-budget": args.teacher_token_budget}
+    variants = {
+        "--teacher-ds-config": args.zero3_config,
+        "--teacher-token-budget": args.teacher_token_budget,
+        "--precision": args.precision if args.precision != ("bf16" if args.gpu else "fp32") else None,
+        "--mfu-ranks": args.mfu_ranks
+        if args.mfu_ranks != (GPU_SIZES if args.gpu else vars(defaults))["mfu_ranks"]
+        else None,
+    }
     variant = next((flag for flag, value in variants.items() if value is not None), None)
     if variant and not args.out:  # a variant's row would replace the default's in docs/benchmarks.json
         raise UserError(
             f"{variant} times a variant: give --out FILE for its row (docs/benchmarks.json keeps the default)"
         )
+    if args.mfu_ranks is not None and args.mfu_ranks < 0:
+        raise UserError(f"--mfu-ranks {args.mfu_ranks}: give 0 (one process) or a number of ranks")
     args.out = args.out or Path("docs") / "benchmarks.json"
     if values.get("warmup_steps", defaults.warmup_steps) < 2:
         raise UserError("--warmup-steps must be at least 2 (the first logged interval is the warm-up)")

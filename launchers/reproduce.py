@@ -63,7 +63,7 @@ def main(argv=None):
     recipe = load_recipe(args.student)
     command = "python launchers/reproduce.py " + shlex.join(argv)
     if args.method == "speed":
-        from disco_dist.benchmark import record_encode_speed
+        from disco_dist.measure import record_encode_speed
 
         record_encode_speed(recipe, args.teacher, args.results, command)
         return

@@ -78,6 +78,12 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
     zero3 = rows[1]  # both sides at the benchmark's precision (fp32), the ZeRO-3 side under the config asked for
     assert zero3["detail"]["zero3_config"] == "teacher_zero3_prefetch.json", zero3
     assert zero3["detail"]["dtypes"] == ["replicated float32", "zero3 float32"], zero3
+    mfu, training = rows[3]["detail"], rows[2]["detail"]  # the value: the 2-rank run's, over the higher peak
+    assert mfu["ranks"] == 2 and mfu["precision"] == "fp32" and len(mfu["ranks_sentences_per_s"]) == 1, mfu
+    two_ranks = mfu["ranks_sentences_per_s"][0] / max(mfu["ranks_matmul_tflops"], mfu["matmul_tflops"])
+    one_process = training["disco_sentences_per_s"] / mfu["matmul_tflops"]
+    expected = mfu["one_process_mfu"] * two_ranks / one_process  # tiny models: MFU ~0.002, the row rounds to 4 places
+    assert rows[3]["value"] == pytest.approx(expected, rel=1e-2, abs=1e-4), mfu
     for row in rows:
         assert row["value"] > 0 and row["device"] == "cpu" and row["better"] in ("higher", "lower"), row
         assert row["command"].startswith("python launchers/benchmark.py")
