@@ -320,7 +320,7 @@ class Benchmark(WholeRuns):
         dtype = torch.bfloat16 if self.s.precision == "bf16" else torch.float32
         peak = matmul_rate(torch.device(self.s.device), dtype)
         one, theirs = (training[k] * flops / peak for k in ("disco", "st"))
-        detail = dict(one_process_mfu=round(one, 6), matmul_tflops=round(peak / 1e12, 4))
+        value, detail = one, dict(one_process_mfu=round(one, 6), matmul_tflops=round(peak / 1e12, 4))
         if ranks := self.s.mfu_ranks:
             rates = [
                 self._distill(self.cached, "mse", self.s.steps, self.s.warmup_steps, ranks)
@@ -332,8 +332,8 @@ class Benchmark(WholeRuns):
                 ranks_sentences_per_s=[round(r, 2) for r in rates],
                 ranks_matmul_tflops=round(ranks_peak / 1e12, 4),
             )
-        # over the higher of the two peaks: the most this machine's cores did at a matmul, either way
-        value = statistics.median(rates) * flops / max(peak, ranks_peak) if ranks else one
+            # over the higher of the two peaks: the most this machine's cores did at a matmul, either way
+            value = statistics.median(rates) * flops / max(peak, ranks_peak)
         self._add(
             "mfu",
             value,

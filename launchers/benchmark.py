@@ -128,15 +128,12 @@ def main(argv=None):
         values["st_batch_sizes"] = tuple(args.st_batch_sizes)
     if "--parts" in argv or not args.gpu:
         values["parts"] = tuple(args.parts)
-    variants = {
-        "--teacher-ds-config": args.zero3_config,
-        "--teacher-token-budget": args.teacher_token_budget,
-        "--precision": args.precision if args.precision != ("bf16" if args.gpu else "fp32") else None,
-        "--mfu-ranks": args.mfu_ranks
-        if args.mfu_ranks != (GPU_SIZES if args.gpu else vars(defaults))["mfu_ranks"]
-        else None,
-    }
-    variant = next((flag for flag, value in variants.items() if value is not None), None)
+    mode_defaults = {**vars(defaults), **(GPU_SIZES if args.gpu else {}), "zero3_config": None}
+    variants = {"--teacher-ds-config": "zero3_config", "--teacher-token-budget": "teacher_token_budget"}
+    variants.update({"--precision": "precision", "--mfu-ranks": "mfu_ranks"})
+    variant = next(  # a flag given with a value other than this mode's default
+        (flag for flag, name in variants.items() if getattr(args, name) not in (None, mode_defaults[name])), None
+    )
     if variant and not args.out:  # a variant's row would replace the default's in docs/benchmarks.json
         raise UserError(
             f"{variant} times a variant: give --out FILE for its row (docs/benchmarks.json keeps the default)"
