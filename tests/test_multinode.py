@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, build_tiny_run_inputs, scalars, start_cluster
@@ -230,6 +231,26 @@ def queue_and_nodes(job, env) -> str:
     return "".join(subprocess.run(c, capture_output=True, text=True, env=env).stdout for c in commands)
 
 
+def job_story(job, env) -> str:
+    """What a failed requeue's message shows: sacct's record of each run (state, exit code, nodes, times) and the
+    controller's and nodes' log lines about the job."""
+    record = subprocess.run(
+        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "State,ExitCode,NodeList,Start,End"],
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    logs = Path(env["SLURM_CONF"]).parent.parent / "log"
+    mentions = re.compile(rf"JobId={job}\b|\[{job}\.|StepId={job}\.|JOB {job} ")
+    lines = [
+        f"{path.name}: {line}"
+        for path in sorted(logs.glob("slurm*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if mentions.search(line)
+    ]
+    return "sacct:\n" + record + "\n".join(lines[-60:]) + "\n"
+
+
 def job_history(job, env, within: float) -> list:
     """sacct's states of every run of the job (-D), once the last one has ended (accounting lags the queue)."""
     deadline = time.time() + within
@@ -301,8 +322,8 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
         assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
         time.sleep(1)
     states = job_history(job, cluster, within=60)
-    assert states[-1] == "COMPLETED" and len(states) >= 2, states
     text = log.read_text()
+    assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
     assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
     a, b = final_weights(run / "ckd"), final_weights(uninterrupted)
     assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
