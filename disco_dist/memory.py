@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,6 @@ from pathlib import Path
 import torch
 
 FIELDS = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss"}
-RESULT_PREFIX = "MEMORY_RESULT "
 
 
 def smaps_rollup(pid: int | str = "self") -> dict:
@@ -180,20 +180,27 @@ def measure(
     from .errors import UserError
     from .recipes import flags
 
-    options = dict(
-        worker=True, teacher=teacher, ds_config=ds_config, sentences=sentences, batch_size=batch_size, forwards=forwards
-    )
-    cmd = module_argv("disco_dist.memory", *flags(options), ranks=ranks if ranks > 1 else 0)
-    env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(ranks), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if result.returncode != 0:
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        if errors:  # the worker's own one line (a bad folder or config)
-            raise UserError(f"memory worker on {ranks} rank(s): {errors[-1][len('error: ') :]}")
-        raise RuntimeError(f"memory worker on {ranks} rank(s) failed:\n{result.stderr[-3000:]}")
-    reports = [
-        json.loads(line[len(RESULT_PREFIX) :]) for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)
-    ]
+    # each rank writes its report to its own file: ranks sharing the launcher's stdout can cut into each other's lines
+    with tempfile.TemporaryDirectory(prefix="disco-memory-") as folder:
+        options = dict(
+            worker=folder,
+            teacher=teacher,
+            ds_config=ds_config,
+            sentences=sentences,
+            batch_size=batch_size,
+            forwards=forwards,
+        )
+        cmd = module_argv("disco_dist.memory", *flags(options), ranks=ranks if ranks > 1 else 0)
+        env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(ranks), "TOKENIZERS_PARALLELISM": "false"}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            if errors:  # the worker's own one line (a bad folder or config)
+                raise UserError(f"memory worker on {ranks} rank(s): {errors[-1][len('error: ') :]}")
+            raise RuntimeError(f"memory worker on {ranks} rank(s) failed:\n{result.stderr[-3000:]}")
+        reports = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank-*.json"))]
+    if len(reports) != ranks:
+        raise RuntimeError(f"memory worker on {ranks} rank(s) wrote {len(reports)} report(s):\n{result.stderr[-3000:]}")
     return sorted(reports, key=lambda r: r["rank"])
 
 
@@ -234,12 +241,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--forwards", type=int, default=3)
     parser.add_argument("--out", type=Path, help="JSON file for the reports")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a rank: the folder for its report
     add_local_rank(parser)
     args = parser.parse_args(argv)
     if args.worker:
+        from .files import write_json_atomic
+
         report = worker(args.teacher, args.ds_config, args.sentences, args.batch_size, args.forwards)
-        print(RESULT_PREFIX + json.dumps(report), flush=True)
+        write_json_atomic(args.worker / f"rank-{report['rank']}.json", report)
         return
     if args.make_teacher and not (Path(args.teacher) / "config.json").exists():
         measured_teacher(Path(args.teacher), args.layers)
