@@ -32,15 +32,7 @@ from .benchmark_rows import TARGETS, Row
 from .benchmark_runs import WholeRuns
 from .distributed import command_argv, threads_per_rank
 from .files import DS_CONFIGS
-from .measure import (
-    alternate,
-    matmul_rate,
-    printed_result,
-    rate_after_warmup,
-    run_checked,
-    training_flops_per_sentence,
-    worker_argv,
-)
+from .measure import alternate, matmul_rate, rate_after_warmup, run_checked, training_flops_per_sentence, worker_result
 from .recipes import flags
 
 # ---------------------------------------------------------------- the benchmark
@@ -129,7 +121,7 @@ class Benchmark(WholeRuns):
         return run_checked(cmd, {"OMP_NUM_THREADS": threads_per_rank(ranks)} if ranks else None)
 
     def _worker(self, name: str, spec: dict, ranks: int = 0) -> dict:
-        return printed_result(self._run(worker_argv(name, spec, ranks), ranks), f"worker {name}")
+        return worker_result(name, spec, ranks, self._run)
 
     def _distill(self, shards: Path, loss: str, steps: int, warmup: int, ranks: int = 0, extra=()) -> float:
         """Sentences/s of a real `distill` run after its warm-up interval."""

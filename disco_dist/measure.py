@@ -3,7 +3,8 @@ FLOP counts, training rates from TensorBoard, and a recipe's encoding speed agai
 
 A worker is started as `python -m disco_dist.measure NAME SPEC_JSON`; the ranks of
 `worker_teacher_ranks` as that module under `deepspeed --module` (LOCAL_RANK in the environment, or
-`--local_rank N` among the arguments). Rank 0 prints one line: RESULT_PREFIX and the result as JSON.
+`--local_rank N` among the arguments). Rank 0 writes the result as JSON to the spec's `result_file` (a file, not a
+printed line: ranks share the launcher's stdout and can cut into each other's writes).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +21,6 @@ import torch
 
 from .distributed import module_argv
 from .files import REPO_ROOT
-
-RESULT_PREFIX = "BENCHMARK_RESULT "
-
 
 # ---------------------------------------------------------------- timing on a device
 
@@ -201,9 +200,11 @@ WORKERS = {
 
 
 def worker_main(name: str, spec: dict) -> None:
+    from .files import write_json_atomic
+
     result = WORKERS[name](spec)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        write_json_atomic(spec["result_file"], result)
 
 
 # ---------------------------------------------------------------- processes and what they report
@@ -230,12 +231,15 @@ def run_checked(cmd: list, env: dict | None = None, timeout: int = 3600) -> str:
     return result.stdout
 
 
-def printed_result(stdout: str, what: str) -> dict:
-    """The JSON a worker printed after RESULT_PREFIX."""
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if not lines:
-        raise RuntimeError(f"{what} printed no result")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+def worker_result(name: str, spec: dict, ranks: int, run) -> dict:
+    """What worker `name` reports: its argv (on `ranks` ranks, one process for 0) handed to `run(argv, ranks)`,
+    then the result file its rank 0 wrote."""
+    with tempfile.TemporaryDirectory(prefix="disco-measure-") as folder:
+        result_file = Path(folder) / "result.json"
+        run(worker_argv(name, {**spec, "result_file": str(result_file)}, ranks), ranks)
+        if not result_file.exists():
+            raise RuntimeError(f"worker {name} wrote no result")
+        return json.loads(result_file.read_text())
 
 
 def alternate(side_a, side_b, repeats: int) -> tuple:
