@@ -220,32 +220,39 @@ class Distill(Stage):
         }
 
     def batches(self, epoch, start):
-        batches = self.loader.batches(epoch, start)
         if self.teacher is None:
-            return batches
-        return self._with_online_teacher(batches)
+            return self.loader.batches(epoch, start)
+        return self._with_online_teacher(epoch, start)
 
-    def _with_online_teacher(self, batches):
+    def _with_online_teacher(self, epoch, start):
         """Embed several student batches per teacher forward (`--teacher-batch-size` sentences), so the
         ZeRO-3 parameter gathering is paid once for all of them. Every rank has the same batch count, so
-        every rank runs the same number of teacher forwards."""
+        every rank runs the same number of teacher forwards.
+
+        The groups are fixed by the batch's place in the epoch (batches 0..G-1, G..2G-1, ...), not by where
+        this run started: a run resumed at batch 10 with groups of 4 embeds batches 8-11 together, as the
+        uninterrupted run did, and drops 8 and 9 (trained before the checkpoint). A teacher's output for a
+        sentence depends at the last bit on the other sentences of its forward (padding length, matrix
+        shapes), so a resume that regrouped them trained on slightly different targets."""
         per_forward = max(1, self.teacher.batch_size // self.args.batch_size)
+        group_start = start - start % per_forward
         group = []
-        for batch in batches:
+        for batch in self.loader.batches(epoch, group_start):
             group.append(batch)
             if len(group) == per_forward:
-                yield from self._embed_group(group)
-                group = []
+                yield from self._embed_group(group, skip=max(0, start - group_start))
+                group, group_start = [], group_start + per_forward
         if group:
-            yield from self._embed_group(group)
+            yield from self._embed_group(group, skip=max(0, start - group_start))
 
-    def _embed_group(self, group):
+    def _embed_group(self, group, skip: int = 0):
+        """Embed the group's sentences in one call; yield its batches from the `skip`-th on."""
         embeddings = self.teacher.embed([text for batch in group for text in batch["texts"]])
-        start = 0
+        offset = 0
         for batch in group:
-            batch["teacher"] = embeddings[start : start + batch["sentences"]]
-            start += batch["sentences"]
-            yield batch
+            batch["teacher"] = embeddings[offset : offset + batch["sentences"]]
+            offset += batch["sentences"]
+        yield from group[skip:]
 
     def loss(self, engine, batch, stopwatch):
         device = self.env.device

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,6 +132,16 @@ def run(script, *args, env=None):
         env=None if env is None else {**os.environ, **env},
     )
     return result
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """What "a resumed (requeued, moved, cross-node) run ends with the uninterrupted run's weights" means in every
+    test: the same tensors to atol 1e-6 and rtol 1e-5. Measured bit-equal on the machines the suite runs on; the
+    tolerance leaves room for a CPU library's last bit across processes, not for a run that trained on other
+    data or targets (docs/reliability.md, 'What equal means')."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_one_line(result, *needles):

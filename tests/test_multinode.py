@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_tiny_run_inputs, scalars, start_cluster
+from conftest import REPO, assert_same_weights, build_tiny_run_inputs, scalars, start_cluster
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
@@ -63,8 +63,7 @@ def assert_across_nodes(log: str) -> None:
 
 def assert_same_training(across, alone, loss) -> None:
     assert scalars(across)[loss] == pytest.approx(scalars(alone)[loss], abs=1e-6)
-    a, b = final_weights(across), final_weights(alone)
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert_same_weights(final_weights(across), final_weights(alone))
 
 
 @pytest.mark.slow
@@ -187,8 +186,7 @@ def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_
     assert f"resumed from {run / 'ckd' / 'checkpoints'}/step-{int(stopped[1]):08d} at step {stopped[1]}" in text
     states = job_history(job, cluster, within=60)
     assert states == ["REQUEUED", "COMPLETED"], states
-    a, b = final_weights(run / "ckd"), final_weights(reference / "ckd")
-    assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+    assert_same_weights(final_weights(run / "ckd"), final_weights(reference / "ckd"))
     assert read_sample_logs(run / "ckd") == read_sample_logs(reference / "ckd")
 
 
@@ -325,6 +323,5 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     text = log.read_text()
     assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
     assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
-    a, b = final_weights(run / "ckd"), final_weights(uninterrupted)
-    assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+    assert_same_weights(final_weights(run / "ckd"), final_weights(uninterrupted))
     assert read_sample_logs(run / "ckd") == read_sample_logs(uninterrupted)

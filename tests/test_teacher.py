@@ -271,3 +271,45 @@ def test_the_cache_token_budget_is_the_one_asked_else_the_unfinished_plan_s_else
     assert resolve_token_budget(None, False, cpu, tmp_path, True) == 1024
     (tmp_path / CACHE_PLAN).write_text(json.dumps({"sort_group": 16}))  # a plan from before token budgets
     assert resolve_token_budget(None, False, cpu, tmp_path, False) is None
+
+
+def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_run_s_groups():
+    """The groups of student batches the online teacher embeds together are fixed by the batches' places in the
+    epoch: a run resumed at batch 10 (groups of 4) embeds batches 8-11 together, as the uninterrupted run did, and
+    trains from batch 10 on. (A teacher's embedding of a sentence depends at the last bit on the other sentences
+    of its forward; regrouped, a resumed run trained on other targets and ended 1e-6 away from the uninterrupted
+    run's weights.)"""
+    from types import SimpleNamespace
+
+    from disco_dist.stages import Distill
+
+    class Loader:
+        def batches(self, epoch, start):
+            for number in range(start, 15):  # 15 batches: the epoch's last group is short
+                yield {"texts": [f"{epoch}.{number}.{i}" for i in range(2)], "sentences": 2, "number": number}
+
+    class Teacher:
+        batch_size = 8  # 4 student batches of 2 a forward
+
+        def __init__(self):
+            self.calls = []
+
+        def embed(self, texts):  # like a real teacher's, a sentence's embedding depends on its forward's others
+            self.calls.append(tuple(texts))
+            together = float(sum(map(ord, "".join(texts))))
+            return torch.tensor([[float(sum(map(ord, text))), together] for text in texts])
+
+    def run(start):
+        stage = SimpleNamespace(teacher=Teacher(), args=SimpleNamespace(batch_size=2), loader=Loader())
+        stage._embed_group = lambda group, skip=0: Distill._embed_group(stage, group, skip)
+        batches = list(Distill._with_online_teacher(stage, 0, start))
+        return stage.teacher.calls, batches
+
+    full_calls, full = run(0)
+    assert [len(call) for call in full_calls] == [8, 8, 8, 6]
+    for start in (10, 12, 13, 14):
+        calls, resumed = run(start)
+        assert calls == full_calls[start // 4 :], start  # the same forwards, from the group holding `start`
+        assert [b["number"] for b in resumed] == list(range(start, 15))
+        for got, want in zip(resumed, full[start:]):
+            assert got["texts"] == want["texts"] and torch.equal(got["teacher"], want["teacher"])
