@@ -83,8 +83,19 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
                 "use by another process; set MASTER_PORT to a free port and rerun"
             ) from None
         if env.world_size > 1:
+            if backend != "gloo":  # host-memory collectives (the pre-emption agreement) need a gloo group
+                _HOST_GROUP.append(dist.new_group(backend="gloo"))
             describe_group(env)
     return env
+
+
+_HOST_GROUP: list = []
+
+
+def host_group():
+    """The process group for collectives on host (CPU) tensors: the default group under gloo, else a gloo group
+    made at start-up (NCCL reduces only GPU tensors)."""
+    return _HOST_GROUP[0] if _HOST_GROUP else None
 
 
 HOSTS: list = []  # the host of each rank, once the group is up (for naming a lost rank)
@@ -219,6 +230,14 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without the host waiting: on a GPU from pinned memory with a non-blocking copy (a plain
+    `.to("cuda")` waits for the copy, and so for every kernel queued before it); on the CPU the tensor itself."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
+
+
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0, for values that need no gradient (teacher embeddings)."""
     if world_size() == 1:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import UserError
 from .fetch import DEFAULT_CACHE, MODELS
+from .masks import attention_bias
 
 POOLINGS = ("mean", "cls", "pooler", "lasttoken")
 # sentence-transformers' pooling modes this project computes, by their names in 1_Pooling/config.json
@@ -285,14 +286,17 @@ class Encoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
         return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    def forward(self, input_ids, attention_mask, normalize=None):
-        """Pooled embeddings, normalised if this encoder normalises (or as `normalize` says)."""
+    def forward(self, input_ids, attention_mask, normalize=None, token_index=None):
+        """Pooled embeddings, normalised if this encoder normalises (or as `normalize` says). `token_index`: the
+        flat positions of the real tokens (`masks.token_index(attention_mask)`, computed where the mask was made,
+        on the host), for the padding-free forward; without it that forward finds them on the device."""
         if self.unpadded:
             from . import unpadded
 
-            outputs = unpadded.forward(self.model, input_ids, attention_mask)
+            outputs = unpadded.forward(self.model, input_ids, attention_mask, token_index)
         else:
-            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            causal = self.pooling == "lasttoken"
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_bias(self.model, attention_mask, causal))
         embeddings = self.pool(outputs, attention_mask)
         if self.dense is not None:
             embeddings = self.dense(embeddings)

@@ -31,14 +31,20 @@ def _rank(location, rank: int, world_size: int, student: str, batch_size: int, m
 
     torch.set_num_threads(1)
     tokenizer = Encoder.from_pretrained(student, max_length=max_length)
-    loader = ShardBatches(
-        read_index(location), batch_size, rank, world_size, lambda texts, _: tokenizer.tokenize(texts)
-    )
+    tokenizing = [0.0]
+
+    def collate(texts, _):  # the tokeniser's share of the loader's time, timed where it runs
+        start = time.perf_counter()
+        batch = tokenizer.tokenize(texts)
+        tokenizing[0] += time.perf_counter() - start
+        return batch
+
+    loader = ShardBatches(read_index(location), batch_size, rank, world_size, collate)
     start, sentences, tokens = time.perf_counter(), 0, 0
     for batch in loader.batches(0):
         sentences += len(batch["keys"])
         tokens += int(batch["attention_mask"].sum())
-    return sentences, tokens, time.perf_counter() - start
+    return sentences, tokens, time.perf_counter() - start, tokenizing[0]
 
 
 def measure(location, ranks: int, student: str, batch_size: int, max_length: int) -> dict:
@@ -56,6 +62,9 @@ def measure(location, ranks: int, student: str, batch_size: int, max_length: int
         "seconds": round(seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "sentences_per_s": round(sentences / seconds, 1),
+        "sentences_per_s_per_core": round(sentences / seconds / ranks, 1),  # one thread a rank
+        "tokenize_share": round(max(r[3] for r in results) / seconds, 3),
+        "tokenize_sentences_per_s_per_core": round(sentences / sum(r[3] for r in results), 1),
     }
 
 
@@ -125,11 +134,15 @@ def main(argv=None) -> None:
     for row in rows:
         row["x_consumption"] = round(row["sentences_per_s"] / consumption, 1)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; training consumes {consumption} sentences/s")
-    print(f"{'source':<44} {'ranks':>5} {'sentences':>10} {'seconds':>8} {'sentences/s':>12} {'x training':>10}")
+    print(
+        f"{'source':<44} {'ranks':>5} {'sentences':>10} {'seconds':>8} {'sentences/s':>12} {'per core':>9} "
+        f"{'tokenise share':>14} {'tokenise/core':>13} {'x training':>10}"
+    )
     for r in rows:
         print(
             f"{r['source'][-44:]:<44} {r['ranks']:>5} {r['sentences']:>10,} {r['seconds']:>8} "
-            f"{r['sentences_per_s']:>12,} {r['x_consumption']:>10}"
+            f"{r['sentences_per_s']:>12,} {r['sentences_per_s_per_core']:>9,} {r['tokenize_share']:>14.0%} "
+            f"{r['tokenize_sentences_per_s_per_core']:>13,} {r['x_consumption']:>10}"
         )
     if args.out:
         write_json_atomic(args.out, {"cpu": cpu_model(), "consumption": consumption, "rows": rows})

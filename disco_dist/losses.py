@@ -27,6 +27,7 @@ def ckd_loss(
     logit_scale: torch.Tensor,
     queue: torch.Tensor | None = None,
     this_rank: int | None = None,
+    queue_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive KD: q_i must pick out k_i, the teacher embedding of the same sentence, among the teacher
     embeddings of the global batch and of the queue.
@@ -34,7 +35,8 @@ def ckd_loss(
     student: (B, D) this rank's projected student embeddings; teacher_keys: (W*B, D) the teacher embeddings
     of the global batch (every rank's, gathered; this rank's rows at this_rank*B); logit_scale: the scalar s
     (not its log); queue: (M, D) earlier teacher embeddings, already L2-normalised (TeacherQueue stores them
-    so), or None. The student and batch keys are L2-normalised here. The teacher is frozen, so its gathered
+    so), or None; queue_valid: (M,) bool, the rows that count (None: all; see TeacherQueue.negatives). The
+    student and batch keys are L2-normalised here. The teacher is frozen, so its gathered
     embeddings need no gradient: each rank's loss depends on its own q's alone, and the engine's gradient
     average over ranks is the gradient of the global mean.
 
@@ -49,6 +51,8 @@ def ckd_loss(
     log_normaliser = torch.logsumexp(logits, dim=1)
     if queue is not None and len(queue):
         queue_logits = logit_scale * q @ queue.to(q.dtype).T
+        if queue_valid is not None:  # a finite floor, not -inf: a row of all-masked logits keeps finite gradients
+            queue_logits = queue_logits.masked_fill(~queue_valid, torch.finfo(queue_logits.dtype).min)
         log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(queue_logits, dim=1))
     return (log_normaliser - positive).mean()
 
@@ -105,34 +109,57 @@ class LogitScale(nn.Module):
 
 
 class TeacherQueue:
-    """FIFO of earlier teacher embeddings (the same on every rank, since it holds gathered batches)."""
+    """FIFO of earlier teacher embeddings (the same on every rank, since it holds gathered batches).
+
+    A push may wait for its step's verdict: `push(keys, skipped)` writes on the device, keeping the old rows where
+    `skipped` (a 0-dim device tensor, set when the step's update was skipped for a non-finite loss) is set, and
+    `settle(taken)` moves the host's pointer once the loop has read the verdict, a step later; the loop never
+    waits on the device for it. Until then `negatives` masks the pushed rows by the device verdict (only while
+    the queue is not yet full: a full queue's rows are all valid, new or old)."""
 
     def __init__(self, size: int, dim: int, dtype=torch.float32, device="cpu"):
         self.size = size
         self.buffer = torch.zeros(size, dim, dtype=dtype, device=device)
         self.pointer = 0
         self.filled = 0
+        self.pending = 0  # rows written by a push whose step's verdict the host has not read
+        self.pending_skipped = None
 
-    def negatives(self) -> torch.Tensor | None:
-        return self.buffer[: self.filled] if self.filled else None
+    def negatives(self) -> tuple:
+        """(rows, valid): the queue's rows, and a (rows,) bool mask of those that count, or None when all do."""
+        if self.pending == 0 or self.filled == self.size:
+            return (self.buffer[: self.filled] if self.filled else None), None
+        rows = min(self.size, self.filled + self.pending)
+        settled = torch.arange(rows, device=self.buffer.device) < self.filled
+        return self.buffer[:rows], settled | ~self.pending_skipped.bool()
 
     @torch.no_grad()
-    def push(self, embeddings: torch.Tensor) -> None:
-        """Store the newest teacher embeddings, L2-normalised (ckd_loss takes the queue as unit vectors)."""
+    def push(self, embeddings: torch.Tensor, skipped: torch.Tensor | None = None) -> None:
+        """Store the newest teacher embeddings, L2-normalised (ckd_loss takes the queue as unit vectors); with
+        `skipped`, only where it is not set, and counted once `settle(True)` says so."""
         if self.size == 0:
             return
+        if self.pending:
+            raise RuntimeError("TeacherQueue.push: the previous push is not settled")
         embeddings = F.normalize(embeddings[-self.size :].float(), dim=-1).to(self.buffer.dtype)
-        end = self.pointer + len(embeddings)
-        if end <= self.size:
-            self.buffer[self.pointer : end] = embeddings
-        else:
-            first = self.size - self.pointer
-            self.buffer[self.pointer :] = embeddings[:first]
-            self.buffer[: end - self.size] = embeddings[first:]
-        self.pointer = end % self.size
-        self.filled = min(self.size, self.filled + len(embeddings))
+        slots = (self.pointer + torch.arange(len(embeddings), device=self.buffer.device)) % self.size
+        if skipped is not None:
+            embeddings = torch.where(skipped.bool(), self.buffer[slots], embeddings)
+        self.buffer[slots] = embeddings
+        self.pending, self.pending_skipped = len(embeddings), skipped
+        if skipped is None:
+            self.settle(True)
+
+    def settle(self, taken: bool) -> None:
+        """The verdict of the last push's step: taken (its rows count) or skipped (they were not written)."""
+        if taken and self.pending:
+            self.pointer = (self.pointer + self.pending) % self.size
+            self.filled = min(self.size, self.filled + self.pending)
+        self.pending, self.pending_skipped = 0, None
 
     def state_dict(self) -> dict:
+        if self.pending:
+            raise RuntimeError("TeacherQueue.state_dict: settle the last push first")
         return {"buffer": self.buffer[: self.filled].cpu(), "pointer": self.pointer, "filled": self.filled}
 
     def load_state_dict(self, state: dict) -> None:

@@ -138,7 +138,17 @@ def measured_teacher(folder: Path, layers: int) -> Path:
     )
 
 
-def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwards: int) -> dict:
+def worker_precision(requested: str, device) -> str:
+    """--precision: `device` (the default) is bf16 on a GPU, as training and the cache pass hold a teacher there, and
+    fp32 on a CPU, as the measured CPU table was taken."""
+    if requested != "device":
+        return requested
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def worker(
+    teacher: str, ds_config: str, sentences: int, batch_size: int, forwards: int, precision: str = "device"
+) -> dict:
     """One rank: the peaks of each phase, and the share of the teacher's parameters it holds."""
     from . import distributed
     from .partitioned import held_and_total
@@ -149,7 +159,8 @@ def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwar
     distributed.barrier()
     phases = {"base": smaps_rollup()}
     with PeakSampler() as load:
-        model = ZeroTeacher(teacher, ds_config, env.device, batch_size=batch_size, precision="fp32")
+        precision = worker_precision(precision, env.device)
+        model = ZeroTeacher(teacher, ds_config, env.device, batch_size=batch_size, precision=precision)
         distributed.barrier()
     phases["load"] = load.peak
     phases["after_load"] = smaps_rollup()
@@ -162,18 +173,25 @@ def worker(teacher: str, ds_config: str, sentences: int, batch_size: int, forwar
     phases["embed_seconds"] = round(time.perf_counter() - start, 2)
     if env.device.type == "cuda":
         phases["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    weights = held_and_total(model.encoder.model)[1] * 4
+    weights = held_and_total(model.encoder.model)[1] * (2 if precision == "bf16" else 4)
     return {
         "rank": env.rank,
         "world_size": env.world_size,
         "fraction": model.local_parameter_fraction(),
+        "precision": precision,
         "weights_mib": weights / 2**20,
         **phases,
     }
 
 
 def measure(
-    teacher: str, ds_config: str, ranks: int, sentences: int = 64, batch_size: int = 16, forwards: int = 3
+    teacher: str,
+    ds_config: str,
+    ranks: int,
+    sentences: int = 64,
+    batch_size: int = 16,
+    forwards: int = 3,
+    precision: str = "device",
 ) -> list:
     """Run the worker on `ranks` ranks (one plain process for 1) and return every rank's report."""
     from .distributed import module_argv, threads_per_rank
@@ -189,6 +207,7 @@ def measure(
             sentences=sentences,
             batch_size=batch_size,
             forwards=forwards,
+            precision=precision,
         )
         cmd = module_argv("disco_dist.memory", *flags(options), ranks=ranks if ranks > 1 else 0)
         env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(ranks), "TOKENIZERS_PARALLELISM": "false"}
@@ -240,6 +259,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--forwards", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        choices=("device", "fp32", "bf16"),
+        default="device",
+        help="the teacher's weights: device (default) = bf16 on a GPU, fp32 on a CPU",
+    )
     parser.add_argument("--out", type=Path, help="JSON file for the reports")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a rank: the folder for its report
     add_local_rank(parser)
@@ -247,13 +272,14 @@ def main(argv=None) -> None:
     if args.worker:
         from .files import write_json_atomic
 
-        report = worker(args.teacher, args.ds_config, args.sentences, args.batch_size, args.forwards)
+        report = worker(args.teacher, args.ds_config, args.sentences, args.batch_size, args.forwards, args.precision)
         write_json_atomic(args.worker / f"rank-{report['rank']}.json", report)
         return
     if args.make_teacher and not (Path(args.teacher) / "config.json").exists():
         measured_teacher(Path(args.teacher), args.layers)
     reports = {
-        n: measure(args.teacher, args.ds_config, n, args.sentences, args.batch_size, args.forwards) for n in args.ranks
+        n: measure(args.teacher, args.ds_config, n, args.sentences, args.batch_size, args.forwards, args.precision)
+        for n in args.ranks
     }
     print(table(reports))
     if args.out:

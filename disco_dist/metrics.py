@@ -109,7 +109,7 @@ class Metrics:
             dtype=torch.float64,
         )
         if distributed.world_size() > 1:
-            dist.all_reduce(values)
+            dist.all_reduce(values, group=distributed.host_group())  # host numbers: gloo, also beside NCCL
             values[: len(names)] /= distributed.world_size()
         seconds = max(1e-9, time.perf_counter() - self.interval_start - self.paused)
         scalars = {f"loss/{n}": float(v) for n, v in zip(names, values)}

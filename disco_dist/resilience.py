@@ -3,7 +3,8 @@ folder, and the faults the reliability tests inject (docs/reliability.md lists e
 
 - Pre-emption: SIGUSR2 (SLURM's `--signal=USR2@T`, Submitit's time-out signal) sets a flag; the ranks agree at
   a step boundary, all checkpoint that step, then the job is requeued (`requeue_after`).
-- NaN/inf: every rank skips a step whose loss is not finite on any rank (`finite_on_every_rank`).
+- NaN/inf: every rank skips the update of a step whose loss is not finite on any rank, decided on the device
+  (`nonfinite_anywhere`, `skip_update_if`); the loop reads the verdict a step later, without waiting.
 - A lost peer: a collective that fails because another rank died becomes one line (`lost_peer_error`); a peer
   that went silent (its node's network down, the node frozen) is noticed by heartbeats (`PeerWatch`) within
   `DISCO_PEER_TIMEOUT` seconds (default 20), not by the collective's own 600 s time-out.
@@ -39,11 +40,14 @@ class Preempted(Exception):
 
 class PreemptionSignal:
     """SIGUSR2 (SLURM's `--signal=USR2@T`, Submitit's time-out signal) sets a flag; at each step boundary the
-    ranks agree (any rank signalled -> all stop), so every rank checkpoints the same step."""
+    ranks agree (any rank signalled -> all stop), so every rank checkpoints the same step. The agreement is an
+    all-reduce of host memory started at one step and read at the next, so no rank waits for it: a signal stops
+    the run one step after the step that first saw it."""
 
     def __init__(self, signum=signal.SIGUSR2):
         self.flag = False
         self.previous_handler = signal.signal(signum, self._handle)  # Submitit's requeue handler, if any
+        self._box, self._work = None, None
 
     def _handle(self, signum, frame):
         self.flag = True
@@ -51,9 +55,24 @@ class PreemptionSignal:
     def agreed(self) -> bool:
         if distributed.world_size() == 1:
             return self.flag
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed = self._read()
+        if not agreed:
+            self._box = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
+            self._work = torch.distributed.all_reduce(
+                self._box, op=torch.distributed.ReduceOp.MAX, group=distributed.host_group(), async_op=True
+            )
+        return agreed
+
+    def close(self) -> None:
+        """Finish the agreement in flight (every rank started it), before the process group goes."""
+        self._read()
+
+    def _read(self) -> bool:
+        if self._work is None:
+            return False
+        self._work.wait()
+        self._work = None
+        return bool(self._box[0])
 
 
 def requeue_after(stop: Preempted) -> None:
@@ -217,12 +236,44 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
-def finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """One small all-reduce: every rank skips (or takes) the same step."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+def nonfinite_anywhere(loss: torch.Tensor) -> torch.Tensor:
+    """1 (int32, on the loss's device) where the loss is NaN or inf on any rank, else 0: every rank skips or
+    takes the same step. An all-reduce queued on the device: the host does not wait for it (on a GPU); the
+    optimizer reads it there (`skip_update_if`) and the loop a step later."""
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.int32).reshape(1)
     if distributed.world_size() > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return bad.item() == 0.0
+    return bad
+
+
+class Verdict:
+    """A step's `nonfinite_anywhere` flag, copied to pinned host memory as soon as the device has it; `read` waits
+    for that point alone (an event), not for the work queued after it, so reading it a step later never drains
+    the GPU's queue."""
+
+    def __init__(self, skipped: torch.Tensor):
+        self.event = None
+        if skipped.device.type == "cuda":
+            self.host = torch.empty(skipped.shape, dtype=skipped.dtype, pin_memory=True)
+            self.host.copy_(skipped, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = skipped
+
+    def read(self) -> bool:
+        """True where the step's update was skipped."""
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host[0])
+
+
+def skip_update_if(optimizer, skipped: torch.Tensor) -> None:
+    """The next `optimizer.step()` leaves weights, moments and step counts as they are where `skipped` is set,
+    decided on the device: torch's fused AdamW reads it as GradScaler's `found_inf`."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("skip_update_if needs a fused optimizer (it skips on the device)")
+    optimizer.found_inf = skipped.float().reshape(())  # 0-dim, as the fused kernel and its step counts take it
 
 
 class InjectedFaults:

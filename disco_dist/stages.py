@@ -13,10 +13,12 @@ from torch import nn
 
 from . import distributed
 from .config_output import matryoshka_weights
+from .distributed import to_device
 from .encoder import Encoder
 from .errors import UserError
 from .loader import ShardBatches, TripletBatches
 from .losses import LogitScale, TeacherQueue, ckd_loss, matryoshka_loss, mse_loss, sup_contrastive_loss
+from .masks import token_index
 from .shards import iter_shard_samples, read_index, verified_index
 from .teacher import ZeroTeacher
 from .unpadded import supports as supports_unpadded
@@ -27,7 +29,9 @@ class Stage:
     `loader` (its batches per epoch), and defines `loss`; the rest has defaults:
         batches(epoch, start)     the batches of `epoch` from number `start` on (resume mid-epoch)
         loss(engine, batch, sw)   (total loss, {term: value}) for one batch; `sw` times communication
-        after_step(batch)         after the optimizer step (e.g. push keys into a queue)
+        after_step(batch, skipped)  after the optimizer step (e.g. push keys into a queue); `skipped`: the step's
+                                  verdict on the device (set when its update was skipped), not yet read
+        settle(taken)             the host has read that verdict (a step later, or at a boundary)
         gauges()                  scalars logged with the losses and written to the run summary
         extra() / load_extra(d)   state a checkpoint keeps beside the engine's (e.g. the queue)
         save_student(folder)      write the model a user gets (the encoder, with `saved_head` if one is kept)
@@ -44,7 +48,10 @@ class Stage:
     def loss(self, engine, batch: dict, stopwatch) -> tuple:
         raise NotImplementedError
 
-    def after_step(self, batch: dict) -> None:
+    def after_step(self, batch: dict, skipped: torch.Tensor) -> None:
+        pass
+
+    def settle(self, taken: bool) -> None:
         pass
 
     def gauges(self) -> dict:
@@ -62,6 +69,16 @@ class Stage:
     def used(self) -> dict:
         """What the saved model's card should say this stage learned from (see model_card.stage_record)."""
         return {}
+
+
+STUDENT_INPUTS = ("input_ids", "attention_mask", "token_index")
+
+
+def student_inputs(tokenized) -> dict:
+    """What the student's forward takes, made on the host with the batch: the token ids, the mask and the flat
+    positions of the real tokens (so the padding-free forward never asks the device for them)."""
+    mask = tokenized["attention_mask"]
+    return {"input_ids": tokenized["input_ids"], "attention_mask": mask, "token_index": token_index(mask)}
 
 
 class Student(nn.Module):
@@ -89,12 +106,12 @@ class Student(nn.Module):
             encoder.model.get_input_embeddings().requires_grad_(False)
         return cls(encoder, head, scale, args.precision == "bf16", args.unpadded, [d for d, _ in widths], prefix_heads)
 
-    def forward(self, input_ids, attention_mask) -> tuple:
+    def forward(self, input_ids, attention_mask, token_index=None) -> tuple:
         """fp32 embeddings, unnormalised (the losses normalise themselves), one per width of `dims` (one without
         Matryoshka); with bf16, computed under autocast on the fp32 weights (mixed precision: the weights,
-        gradients and losses stay fp32)."""
+        gradients and losses stay fp32). `token_index`: see Encoder.forward."""
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pooled = self.encoder(input_ids, attention_mask, normalize=False)
+            pooled = self.encoder(input_ids, attention_mask, normalize=False, token_index=token_index)
             outs = [self.head(pooled) if self.head is not None else pooled]
             for d in self.dims[1:]:
                 head = self.prefix_heads[str(d)] if str(d) in self.prefix_heads else None
@@ -212,8 +229,7 @@ class Distill(Stage):
         batch = self.student.encoder.tokenize(texts)
         return {
             "texts": texts,
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
+            **student_inputs(batch),
             "teacher": teacher,
             "sentences": len(texts),
             "tokens": int(batch["attention_mask"].sum()),
@@ -247,7 +263,7 @@ class Distill(Stage):
 
     def _embed_group(self, group, skip: int = 0):
         """Embed the group's sentences in one call; yield its batches from the `skip`-th on."""
-        embeddings = self.teacher.embed([text for batch in group for text in batch["texts"]])
+        embeddings = self.teacher.embed([text for batch in group for text in batch["texts"]], on_device=True)
         offset = 0
         for batch in group:
             batch["teacher"] = embeddings[offset : offset + batch["sentences"]]
@@ -256,8 +272,8 @@ class Distill(Stage):
 
     def loss(self, engine, batch, stopwatch):
         device = self.env.device
-        teacher = batch["teacher"].to(device)
-        outputs = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        teacher = to_device(batch["teacher"], device)
+        outputs = engine(*(to_device(batch[k], device) for k in STUDENT_INPUTS))
         if self.args.loss == "ckd":
             with stopwatch.timing("comm"):
                 self._last_keys = distributed.all_gather_no_grad(teacher)
@@ -268,7 +284,8 @@ class Distill(Stage):
                 found = {"mse": mse_loss(student, teacher)}
                 loss = found["mse"]
             else:
-                found = {"ckd": ckd_loss(student, self._last_keys, engine.module.scale(), self.queue.negatives())}
+                queue, valid = self.queue.negatives()
+                found = {"ckd": ckd_loss(student, self._last_keys, engine.module.scale(), queue, queue_valid=valid)}
                 loss = found["ckd"]
                 if self.args.mse_weight:
                     found["mse"] = mse_loss(student, teacher)
@@ -283,10 +300,13 @@ class Distill(Stage):
             self._teacher_seconds_counted = self.teacher.seconds
         return total, terms
 
-    def after_step(self, batch):
+    def after_step(self, batch, skipped):
         if self._last_keys is not None:
-            self.queue.push(self._last_keys)  # after the loss: a batch is never its own negative
+            self.queue.push(self._last_keys, skipped)  # after the loss: a batch is never its own negative
             self._last_keys = None
+
+    def settle(self, taken):
+        self.queue.settle(taken)
 
     def used(self) -> dict:
         teacher = self.teacher.describe()["model"] if self.teacher is not None else self.index.teacher["model"]
@@ -337,8 +357,7 @@ class Finetune(Stage):
         texts = anchors + positives + ([] if self.args.no_hard_negatives else negatives)
         batch = self.student.encoder.tokenize(texts)  # one forward for all three columns
         return {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
+            **student_inputs(batch),
             "size": len(anchors),
             "sentences": len(texts),
             "tokens": int(batch["attention_mask"].sum()),
@@ -346,7 +365,7 @@ class Finetune(Stage):
 
     def loss(self, engine, batch, stopwatch):
         device = self.env.device
-        outputs = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        outputs = engine(*(to_device(batch[k], device) for k in STUDENT_INPUTS))
         size, terms = batch["size"], {}
 
         def plain_loss(embeddings, width):

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from . import distributed
+from .distributed import to_device
 from .ds_config import load_ds_config
 from .encoder import Encoder, transformer_layers
 from .errors import UserError
@@ -142,15 +143,24 @@ class ZeroTeacher:
         return batches
 
     @torch.no_grad()
-    def embed(self, sentences: list, progress=None, token_budget: int | None = None) -> torch.Tensor:
-        """Teacher embeddings (float32, CPU) in their order, computed in the forwards `batches` plans;
-        `progress.update(n)` after each. Collective under ZeRO-3: every rank must run as many forwards as the others
-        (`self.forwards` counts them)."""
+    def embed(
+        self, sentences: list, progress=None, token_budget: int | None = None, on_device: bool = False
+    ) -> torch.Tensor:
+        """Teacher embeddings (float32) in their order, computed in the forwards `batches` plans; on the CPU, or
+        with `on_device` where the teacher runs (an online teacher's targets: no copy to the host and back, and the
+        host does not wait for the forwards). `progress.update(n)` after each forward. Collective under ZeRO-3:
+        every rank must run as many forwards as the others (`self.forwards` counts them)."""
         start = time.perf_counter()
-        out = torch.empty(len(sentences), self.dim)
+        out = torch.empty(len(sentences), self.dim, device=self.device if on_device else "cpu")
         for index in self.batches(sentences, token_budget):
-            batch = self.encoder.tokenize([sentences[i] for i in index]).to(self.device)
-            out[index] = self.encoder(batch["input_ids"], batch["attention_mask"]).float().cpu()
+            batch = self.encoder.tokenize([sentences[i] for i in index])
+            embeddings = self.encoder(
+                to_device(batch["input_ids"], self.device), to_device(batch["attention_mask"], self.device)
+            ).float()
+            if on_device:
+                out[to_device(torch.tensor(index), out.device)] = embeddings
+            else:
+                out[index] = embeddings.cpu()
             self.forwards += 1
             if progress is not None:
                 progress.update(len(index))

@@ -1,9 +1,11 @@
 """The training loop both stages share.
 
 Read `train` top to bottom: set up ranks, build the stage (student, data, teacher, loss; see stages.py), wrap
-the student in a DeepSpeed engine, resume if asked, then step: loss -> backward -> step -> log -> evaluate ->
-checkpoint, and finally save the student. What keeps the loop alive (NaN skipping, pre-emption, lost peers)
-is in resilience.py; the optimizer and schedule in optim.py; checkpoints in checkpoint.py.
+the student in a DeepSpeed engine, resume if asked, then step: loss -> backward -> step, and at a boundary
+log -> evaluate -> checkpoint, and finally save the student. Between boundaries the host never waits for the
+device: a non-finite loss skips its update on the device, and the host reads that verdict a step later.
+What keeps the loop alive (NaN skipping, pre-emption, lost peers) is in resilience.py; the optimizer and
+schedule in optim.py; checkpoints in checkpoint.py.
 """
 
 import json
@@ -26,7 +28,16 @@ from .metrics import Metrics, SampleLog, Stopwatch
 from .model_card import write_model_card
 from .optim import build_optimizer
 from .precision import Precision, resolve_precision
-from .resilience import InjectedFaults, PeerWatch, Preempted, PreemptionSignal, check_writable, finite_on_every_rank
+from .resilience import (
+    InjectedFaults,
+    PeerWatch,
+    Preempted,
+    PreemptionSignal,
+    Verdict,
+    check_writable,
+    nonfinite_anywhere,
+    skip_update_if,
+)
 
 
 @dataclass
@@ -62,17 +73,16 @@ def count_total_steps(stage, args) -> int:
 
 
 def build_engine(stage, args, env, total_steps: int) -> tuple:
-    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW and its schedule; (engine,
-    schedule). The engine's own bf16 stays off: a bf16 student trains under autocast (see precision.py)."""
+    """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW; (engine, optimizer, schedule). The
+    loop sets the learning rate itself (optim.Schedule), so the engine holds no scheduler. The engine's own bf16
+    stays off: a bf16 student trains under autocast (see precision.py)."""
     ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=False)
     ds_config["gradient_clipping"] = args.grad_clip
     if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
         raise UserError(f"{args.ds_config}: the student is data-parallel; use ZeRO stage 0, 1 or 2")
     optimizer, schedule = build_optimizer(stage.student, args, total_steps)
-    engine, *_ = distributed.import_deepspeed().initialize(
-        model=stage.student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-    )
-    return engine, schedule
+    engine, *_ = distributed.import_deepspeed().initialize(model=stage.student, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, schedule
 
 
 def train(args, stage_class) -> Path:
@@ -87,9 +97,11 @@ def train(args, stage_class) -> Path:
     random.seed(args.seed)
     stage = stage_class(args, env)  # builds the student first, then any ZeRO-3 teacher
     state = TrainState(total_steps=count_total_steps(stage, args))
-    engine, schedule = build_engine(stage, args, env, state.total_steps)
+    engine, optimizer, schedule = build_engine(stage, args, env, state.total_steps)
     stopwatch = Stopwatch()
-    if env.world_size > 1:  # the data-parallel gradient all-reduce: waiting for the slowest rank, then the bytes
+    if env.world_size > 1 and env.device.type == "cpu":
+        # the data-parallel gradient all-reduce: waiting for the slowest rank, then the bytes. Only on the CPU,
+        # where the host's clock is the compute's; on a GPU the barrier would stall every step (use profile_step)
         stopwatch.wrap_collective(engine, "allreduce_gradients", "comm")
 
     if checkpoint is not None:
@@ -133,47 +145,76 @@ def train(args, stage_class) -> Path:
         return save_checkpoint(engine, run_dir, state.step, state.state_dict(), stage.extra(), args.keep_checkpoints)
 
     engine.train()  # from_pretrained hands models over in eval mode: dropout on for training
+    launched = None  # the last step queued on the device whose verdict the host has not read (see `settle`)
+
+    def settle() -> bool:
+        """Read the launched step's verdict (one step later, or at once at a boundary) and count it: a taken
+        step advances the step count and its losses are logged; a skipped one (its loss was NaN or inf on some
+        rank, so every rank's optimizer left the weights as they were, on the device) does not. The batch is
+        spent either way. True if taken."""
+        nonlocal launched
+        step, launched = launched, None
+        taken = not step["verdict"].read()
+        stage.settle(taken)
+        if taken:
+            state.step += 1
+            state.bad_in_a_row = 0
+            metrics.record(step["terms"], sentences=step["sentences"], tokens=step["tokens"], stopwatch=stopwatch)
+        else:
+            state.skipped += 1
+            state.bad_in_a_row += 1
+            metrics.scalar("train/skipped_nonfinite_steps", state.skipped, state.step)
+        if sample_log:
+            sample_log.write(step["epoch"], step["batch"], state.step, "trained" if taken else "skipped", step["keys"])
+        if state.bad_in_a_row >= args.max_bad_steps:
+            saved = checkpoint_now()  # the last good state: nothing was applied since
+            raise UserError(
+                f"the loss was NaN or inf {state.bad_in_a_row} times in a row at step "
+                f"{state.step}; stopped, the last good state is checkpoint {saved} (lower --lr or check the data)"
+            )
+        return taken
+
+    def at_boundary(step: int) -> bool:
+        """A step after which the loop logs, evaluates, checkpoints or ends: the host must know the step count."""
+        every = (args.log_every, args.eval_every, args.checkpoint_every)
+        return step == state.total_steps or any(n and step % n == 0 for n in every)
+
+    # Between boundaries nothing here waits for the device: the loss, the skip decision and the update are queued
+    # on it, and the previous step's verdict is read after this step's backward is queued.
     while state.step < state.total_steps:
         if state.batch >= stage.loader.batches_per_epoch(state.epoch):
             state.epoch, state.batch = state.epoch + 1, 0
-        for batch in stage.batches(state.epoch, state.batch):
+        for number, batch in enumerate(stage.batches(state.epoch, state.batch), start=state.batch):
             loss, terms = stage.loss(engine, batch, stopwatch)
-            faults.mid_step(env.rank, state.step + 1, run_dir)
-            if faults.nan_at(state.batch):
+            faults.mid_step(env.rank, state.step + 1 + (launched is not None), run_dir)
+            if faults.nan_at(number):
                 loss = loss * float("nan")
-            if not finite_on_every_rank(loss):
-                # skip the update on every rank (no backward, no step); the batch is spent, the step is not
-                if sample_log:
-                    sample_log.write(state.epoch, state.batch, state.step, "skipped", batch["keys"])
-                state.batch += 1
-                state.skipped += 1
-                state.bad_in_a_row += 1
-                metrics.scalar("train/skipped_nonfinite_steps", state.skipped, state.step)
-                if state.bad_in_a_row >= args.max_bad_steps:
-                    saved = checkpoint_now()  # the last good state: nothing was applied since
-                    raise UserError(
-                        f"the loss was NaN or inf {state.bad_in_a_row} times in a row at step "
-                        f"{state.step}; stopped, the last good state is checkpoint {saved} "
-                        "(lower --lr or check the data)"
-                    )
-                continue
-            state.bad_in_a_row = 0
+            skipped = nonfinite_anywhere(loss)
             engine.backward(loss)
+            if launched is not None:
+                settle()
+            schedule.set(state.step)
+            skip_update_if(optimizer, skipped)
             engine.step()
-            stage.after_step(batch)
-            state.step += 1
-            if sample_log:
-                sample_log.write(state.epoch, state.batch, state.step, "trained", batch["keys"])
-            state.batch += 1
+            stage.after_step(batch, skipped)
+            launched = {
+                "verdict": Verdict(skipped),
+                "terms": {"total": loss.detach(), **{k: v.detach() for k, v in terms.items()}},
+                **{k: batch[k] for k in ("sentences", "tokens")},
+                "epoch": state.epoch,
+                "batch": number,
+                "keys": batch.get("keys"),
+            }
+            state.batch = number + 1
 
-            metrics.record(
-                {"total": loss, **terms}, sentences=batch["sentences"], tokens=batch["tokens"], stopwatch=stopwatch
-            )
+            stop = preemption.agreed()
+            if not (stop or at_boundary(state.step + 1)):
+                continue
+            if not settle():
+                continue
             last = state.step == state.total_steps
             if state.step % args.log_every == 0 or last:
-                metrics.flush(
-                    state.step, {"lr": schedule.get_last_lr()[0], "grad_norm": _grad_norm(engine), **stage.gauges()}
-                )
+                metrics.flush(state.step, log_gauges(stage, engine, schedule))
             with metrics.paused_clock():
                 if args.eval_every and (state.step % args.eval_every == 0 or last):
                     evaluate_and_select(stage, args, env, state, metrics, run_dir)
@@ -181,11 +222,14 @@ def train(args, stage_class) -> Path:
                     checkpoint_now()
             if last:
                 break
-            if preemption.agreed():
+            if stop:
                 saved = checkpoint_now()
                 metrics.close()
+                preemption.close()
                 watch.stop()
                 raise Preempted(state.step, saved, preemption.previous_handler)
+        if launched is not None:  # the epoch's last step, not at a boundary
+            settle()
 
     checkpoint_now()
     final = run_dir / "final"
@@ -210,6 +254,7 @@ def train(args, stage_class) -> Path:
     metrics.close()
     if sample_log:
         sample_log.close()
+    preemption.close()
     watch.stop()
     distributed.shutdown()
     return final
@@ -237,6 +282,11 @@ def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: P
             metrics.scalar("eval/best_stsb_dev_spearman", score, state.step)
     state.best_dev = distributed.broadcast_object(state.best_dev)
     distributed.barrier()
+
+
+def log_gauges(stage, engine, schedule) -> dict:
+    """What a log step records beside the losses (host values: read only at a boundary)."""
+    return {"lr": schedule.lr(), "grad_norm": _grad_norm(engine), **stage.gauges()}
 
 
 def _grad_norm(engine) -> float:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoder import transformer_layers
+from .masks import token_index
 
 
 def supports(model) -> bool:
@@ -27,38 +28,41 @@ def supports(model) -> bool:
     )
 
 
-def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor | None = None):
     """What `model(input_ids, attention_mask)` gives the pooling: `.last_hidden_state` (batch, length, hidden),
-    zeros at padding; `.pooler_output` is not computed."""
-    real = attention_mask.bool()
+    zeros at padding; `.pooler_output` is not computed. `index`: `token_index(attention_mask)` on the model's device
+    (found here when not given)."""
     batch, length = input_ids.shape
+    index = token_index(attention_mask) if index is None else index
     embeddings = model.embeddings
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)[real]
-    ids = input_ids[real]
+    positions = index % length
+    ids = input_ids.reshape(-1).index_select(0, index)
     x = (
         embeddings.word_embeddings(ids)
         + embeddings.token_type_embeddings(torch.zeros_like(ids))
         + embeddings.position_embeddings(positions)
     )
     x = embeddings.dropout(embeddings.LayerNorm(x))
-    keys = real[:, None, None, :]  # every query position attends to its sentence's real tokens
+    keys = attention_mask.bool()[:, None, None, :]  # every query position attends to its sentence's real tokens
     parent, attr = transformer_layers(model)
     for layer in getattr(parent, attr):
-        x = _layer(layer, x, real, keys)
-    out = x.new_zeros(batch, length, x.shape[-1])
-    out[real] = x
-    return SimpleNamespace(last_hidden_state=out, pooler_output=None)
+        x = _layer(layer, x, index, keys, (batch, length))
+    return SimpleNamespace(last_hidden_state=_scatter(x, index, batch, length), pooler_output=None)
 
 
-def _layer(layer, x: torch.Tensor, real: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _scatter(tokens: torch.Tensor, index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(tokens, hidden) -> (batch, length, hidden), zeros at padding."""
+    out = tokens.new_zeros(batch * length, tokens.shape[-1]).index_copy(0, index, tokens)
+    return out.view(batch, length, tokens.shape[-1])
+
+
+def _layer(layer, x: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, shape: tuple) -> torch.Tensor:
     attention = layer.attention.self
-    batch, length = real.shape
+    batch, length = shape
     heads, size = attention.num_attention_heads, attention.attention_head_size
 
     def padded(tokens: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (batch, heads, length, size)
-        out = tokens.new_zeros(batch, length, tokens.shape[-1])
-        out[real] = tokens
-        return out.view(batch, length, heads, size).transpose(1, 2)
+        return _scatter(tokens, index, batch, length).view(batch, length, heads, size).transpose(1, 2)
 
     context = F.scaled_dot_product_attention(
         padded(attention.query(x)),
@@ -68,6 +72,6 @@ def _layer(layer, x: torch.Tensor, real: torch.Tensor, keys: torch.Tensor) -> to
         dropout_p=attention.dropout.p if attention.training else 0.0,
         scale=attention.scaling,
     )
-    context = context.transpose(1, 2).reshape(batch, length, heads * size)[real]
+    context = context.transpose(1, 2).reshape(batch * length, heads * size).index_select(0, index)
     attended = layer.attention.output(context, x)  # dense, dropout, LayerNorm(+ x)
     return layer.output(layer.intermediate(attended), attended)  # dense + act, dense, dropout, LayerNorm(+)

@@ -128,17 +128,53 @@ def test_logit_scale_is_clamped_and_fixed_mode_has_no_parameter():
 
 def test_queue_is_fifo_and_restorable():
     queue = TeacherQueue(5, 2)
-    assert queue.negatives() is None
+    assert queue.negatives() == (None, None)
     queue.push(torch.arange(6.0).view(3, 2))
     queue.push(torch.arange(6.0, 12.0).view(3, 2))  # wraps: oldest row overwritten
     assert queue.filled == 5
     kept = torch.arange(2.0, 12.0).view(5, 2)  # the oldest row was overwritten; rows are stored unit length
-    order = queue.negatives()[:, 1].argsort(descending=True)  # y/|row| falls as the rows grow: oldest first
-    torch.testing.assert_close(queue.negatives()[order], F.normalize(kept, dim=-1))
+    rows, valid = queue.negatives()
+    order = rows[:, 1].argsort(descending=True)  # y/|row| falls as the rows grow: oldest first
+    assert valid is None
+    torch.testing.assert_close(rows[order], F.normalize(kept, dim=-1))
     restored = TeacherQueue(5, 2)
     restored.load_state_dict(queue.state_dict())
-    torch.testing.assert_close(restored.negatives(), queue.negatives())
+    torch.testing.assert_close(restored.negatives()[0], rows)
     assert restored.pointer == queue.pointer
+
+
+def test_a_push_whose_step_was_skipped_on_the_device_leaves_the_queue_as_if_never_pushed():
+    """The loop pushes a step's keys before it has read whether the step's update was skipped (a NaN loss):
+    the device keeps the old rows where it was, the next loss masks them while the queue is filling, and once
+    settled the queue equals one that was never pushed; a taken push counts as a plain one."""
+    keys = [torch.randn(2, 3) for _ in range(4)]
+    no, yes = torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+
+    plain, queue = TeacherQueue(5, 3), TeacherQueue(5, 3)
+    plain.push(keys[0])
+    queue.push(keys[0], no)
+    rows, valid = queue.negatives()  # unsettled: the pushed rows count only where the device says taken
+    assert torch.equal(rows, plain.negatives()[0]) and valid.tolist() == [True, True]
+    queue.settle(True)
+    queue.push(keys[1], yes)  # skipped on the device
+    rows, valid = queue.negatives()
+    assert valid.tolist() == [True, True, False, False]
+    student, scale = torch.randn(4, 3), torch.tensor(5.0)
+    masked = ckd_loss(student, keys[2].repeat(2, 1), scale, rows, this_rank=0, queue_valid=valid)
+    assert masked == ckd_loss(student, keys[2].repeat(2, 1), scale, plain.negatives()[0], this_rank=0)
+    queue.settle(False)
+    assert (queue.pointer, queue.filled) == (plain.pointer, plain.filled)
+    assert torch.equal(queue.negatives()[0], plain.negatives()[0])
+
+    for k in keys[2:]:  # fill and wrap, then a skipped push into a full queue: its old rows stay, unmasked
+        plain.push(k)
+        queue.push(k, no)
+        queue.settle(True)
+    before = queue.buffer.clone()
+    queue.push(torch.randn(2, 3), yes)
+    assert queue.negatives()[1] is None and torch.equal(queue.buffer, before)
+    queue.settle(False)
+    assert torch.equal(queue.buffer, plain.buffer) and queue.pointer == plain.pointer
 
 
 def test_ridge_head_init_is_stable_on_rank_deficient_features():

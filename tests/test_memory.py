@@ -37,3 +37,13 @@ def test_a_zero3_rank_holds_about_its_share_of_a_decoder_teacher_while_loading_a
     print(f"the teacher adds {whole:.0f} MiB to one process; on 2 ranks (MiB):", added)
     assert all(0.45 < r["fraction"] < 0.55 for r in ranks)
     assert max(added.values()) < 0.65 * whole, (added, whole)
+
+
+def test_the_memory_probe_holds_the_teacher_in_bf16_on_a_gpu_and_fp32_on_a_cpu_unless_asked():
+    """A GPU run of the probe measures the teacher as training holds it there (bf16), not in fp32 at twice the bytes."""
+    from disco_dist.memory import worker_precision
+
+    assert worker_precision("device", torch.device("cuda", 0)) == "bf16"
+    assert worker_precision("device", torch.device("cpu")) == "fp32"
+    assert worker_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    assert worker_precision("bf16", torch.device("cpu")) == "bf16"

@@ -294,7 +294,7 @@ def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_r
         def __init__(self):
             self.calls = []
 
-        def embed(self, texts):  # like a real teacher's, a sentence's embedding depends on its forward's others
+        def embed(self, texts, on_device=False):  # as a real teacher's, an embedding depends on the forward's others
             self.calls.append(tuple(texts))
             together = float(sum(map(ord, "".join(texts))))
             return torch.tensor([[float(sum(map(ord, text))), together] for text in texts])
