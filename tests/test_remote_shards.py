@@ -217,7 +217,8 @@ def test_the_loader_rate_script_measures_the_folder_and_the_served_folder(shards
     assert [r["source"].startswith("http://127.0.0.1:") for r in rows] == [False, True]
     assert all(r["sentences"] == 2 * (150 // 8) * 8 for r in rows)  # 2 ranks, 150 sentences each, batch 8
     assert all(r["x_consumption"] == round(r["sentences_per_s"] / 10, 1) for r in rows)
-    assert all(r["sentences_per_s_per_core"] == round(r["sentences_per_s"] / 2, 1) for r in rows)
+    # both are rounded to 0.1 from the same unrounded rate, so they agree to within one rounding step
+    assert all(abs(r["sentences_per_s_per_core"] - r["sentences_per_s"] / 2) <= 0.1 for r in rows)
     assert all(0 < r["tokenize_share"] < 1 and r["tokenize_sentences_per_s_per_core"] > 0 for r in rows)
     assert "sentences/s" in result.stdout and "CPU:" in result.stdout
 
