@@ -83,8 +83,9 @@ def init_distributed(local_rank_flag: int | None = None, timeout_s: float = 600)
                 "use by another process; set MASTER_PORT to a free port and rerun"
             ) from None
         if env.world_size > 1:
-            if backend != "gloo":  # host-memory collectives (the pre-emption agreement) need a gloo group
-                _HOST_GROUP.append(dist.new_group(backend="gloo"))
+            if backend != "gloo":  # host-memory collectives (the pre-emption agreement) need a gloo group;
+                # across nodes it picks its interface as gloo does: GLOO_SOCKET_IFNAME where the default is wrong
+                _HOST_GROUP.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)))
             describe_group(env)
     return env
 
@@ -190,6 +191,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _HOST_GROUP.clear()
 
 
 def exit_process(code: int = 0) -> None:

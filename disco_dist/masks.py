@@ -12,13 +12,21 @@ def token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.reshape(-1).nonzero().squeeze(1)
 
 
+# Model types whose attention mask is padding only and that take a ready 4-D mask as is (transformers'
+# `create_bidirectional_mask`); checked against transformers' own mask in tests/test_masks.py. Others (DeBERTa's mask
+# enters its embeddings, ModernBERT's has a sliding window, a decoder's is causal) get their 2-D mask.
+PADDING_ONLY = frozenset(
+    {"bert", "mpnet", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "distilbert", "electra", "albert"}
+)
+
+
 def attention_bias(model, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """The padding mask as the model's attention takes it, built here rather than by transformers, whose builder
-    asks the device whether a batch has any padding (`mask.all()`) at every forward. A bidirectional encoder with
-    SDPA gets a (batch, 1, 1, length) boolean mask, one with eager attention the same as an additive bias;
-    anything else (a causal decoder: its mask is more than padding) its 2-D mask as is."""
+    asks the device whether a batch has any padding (`mask.all()`) at every forward. A bidirectional encoder of a
+    `PADDING_ONLY` type with SDPA gets a (batch, 1, 1, length) boolean mask, with eager attention the same as an
+    additive bias; any other model (or attention) its 2-D mask as is."""
     config = model.config
-    if causal or getattr(config, "is_decoder", False):
+    if causal or getattr(config, "is_decoder", False) or config.model_type not in PADDING_ONLY:
         return attention_mask
     keys = attention_mask[:, None, None, :].bool()
     implementation = getattr(config, "_attn_implementation", None)

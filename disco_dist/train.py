@@ -285,7 +285,8 @@ def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: P
 
 
 def log_gauges(stage, engine, schedule) -> dict:
-    """What a log step records beside the losses (host values: read only at a boundary)."""
+    """What a log step records beside the losses (host values: read only at a boundary). `lr` is the rate the
+    logged step's update used (the schedule is set before each update)."""
     return {"lr": schedule.lr(), "grad_norm": _grad_norm(engine), **stage.gauges()}
 
 

@@ -26,33 +26,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Where a call may wait: the host's own data (tokenising, shards, batches on the host), the boundary work, and
 # the one deliberate read of a step's verdict a step later (an event of that earlier point, not the queue).
 ALLOWED_FILES = {"loader.py", "shards.py", "stream.py", "corpus.py", "iters.py", "progress.py"}
-ALLOWED_FUNCTIONS = {
-    "collate",
-    "tokenize",
-    "token_counts",
-    "length_order",
-    "flush",  # Metrics.flush: a log step
-    "scalar",  # Metrics.scalar: a skipped step's count, or an evaluation's score
-    "log_gauges",
-    "evaluate_and_select",
-    "save_checkpoint",
-    "read",  # Verdict.read
-    "_read",  # PreemptionSignal: an all-reduce of host memory
+ALLOWED_FUNCTIONS = {  # (file, function): a name alone would also pass a same-named function anywhere else
+    ("stages.py", "collate"),
+    ("encoder.py", "tokenize"),
+    ("encoder.py", "token_counts"),
+    ("encoder.py", "length_order"),
+    ("metrics.py", "flush"),  # Metrics.flush: a log step
+    ("metrics.py", "scalar"),  # Metrics.scalar: a skipped step's count, or an evaluation's score
+    ("train.py", "log_gauges"),
+    ("train.py", "evaluate_and_select"),
+    ("checkpoint.py", "save_checkpoint"),
+    ("resilience.py", "read"),  # Verdict.read
+    ("resilience.py", "_read"),  # PreemptionSignal: an all-reduce of host memory
 }
 
-state = {"steps": 0, "calls": []}
+state = {"steps": 0, "armed": False, "calls": []}
 
 
 def allowed(stack) -> bool:
     for frame in stack:
-        if Path(frame.filename).name in ALLOWED_FILES or frame.name in ALLOWED_FUNCTIONS:
+        name = Path(frame.filename).name
+        if name in ALLOWED_FILES or (name, frame.name) in ALLOWED_FUNCTIONS:
             return True
     return False
 
 
 def record(what: str) -> None:
-    if state["steps"] == 0 or state.get("done"):
-        return  # set-up before the first step, shut-down after the last
+    if not state["armed"] or state.get("done"):
+        return  # set-up before the first step's loss, shut-down after the last step
     stack = traceback.extract_stack()[:-2]
     if allowed(stack):
         return
@@ -72,9 +73,19 @@ def wrap(owner, name: str, condition=None) -> None:
     setattr(owner, name, wrapped)
 
 
+def arm_at(owner, name: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        state["armed"] = True
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
 def blocking_device_move(self, *args, **kwargs) -> bool:
     """A `.to(device)` in disco-dist's own code that would wait on a GPU: a host batch must move non-blocking."""
-    targets = [a for a in args if isinstance(a, (torch.device, str))] + (
+    targets = [a for a in args if isinstance(a, (torch.device, str, torch.Tensor))] + (
         [kwargs["device"]] if "device" in kwargs else []
     )
     if not targets or kwargs.get("non_blocking", False):
@@ -103,10 +114,12 @@ class SyncingOps(TorchDispatchMode):
 
 def main() -> None:
     out, command, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    for name in ("numpy", "cpu"):
+    for name in ("numpy", "cpu", "tolist", "cuda"):
         wrap(torch.Tensor, name)
     wrap(torch.Tensor, "to", blocking_device_move)
     wrap(torch.cuda, "synchronize")
+    wrap(torch.cuda.Event, "synchronize")
+    wrap(torch.cuda.Stream, "synchronize")
     wrap(torch.distributed, "barrier")
 
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -120,7 +133,10 @@ def main() -> None:
 
     DeepSpeedEngine.step = counted_step
 
-    from disco_dist import train
+    from disco_dist import stages, train
+
+    for stage in stages.Stage.__subclasses__():  # armed from the first step's loss on (its forward included)
+        arm_at(stage, "loss")
     from disco_dist.commands import run_command
 
     original_train = train.train
