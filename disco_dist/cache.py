@@ -85,9 +85,9 @@ def cache_teacher_embeddings(
     ]
     groups = [pending[r :: env.world_size] for r in range(env.world_size)]
 
-    def read(group):  # each shard's (key, text, _) samples, and all the group's texts
-        samples = [list(iter_shard_samples(source, [i], with_keys=True)) for i in group]
-        return samples, [text for shard in samples for _, text, _ in shard]
+    def read(group):  # each shard's (key, text, _, ids) samples, and all the group's texts
+        samples = [list(iter_shard_samples(source, [i], with_keys=True, with_ids=True)) for i in group]
+        return samples, [text for shard in samples for _, text, _, _ in shard]
 
     start, forwards_before = time.perf_counter(), teacher.forwards
     busiest = busiest_forwards(teacher, source, groups, token_budget, lambda group: read(group)[1])
@@ -101,10 +101,10 @@ def cache_teacher_embeddings(
         for i, shard_samples in zip(group, samples):
             if i not in done:
                 shard = ShardFile(out_folder / source.shards[i]["name"])
-                for (key, text, _), embedding in zip(
+                for (key, text, _, ids), embedding in zip(  # token ids, where the source has them, kept
                     shard_samples, embeddings[first : first + len(shard_samples)].numpy()
                 ):
-                    shard.write(key, text, embedding)
+                    shard.write(key, text, embedding, ids)
                 shard.close()
             first += len(shard_samples)
     progress.close()

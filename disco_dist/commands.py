@@ -37,6 +37,13 @@ def make_shards(args) -> Path:
     return args.out
 
 
+def tokenize_shards(args) -> Path:
+    from .token_ids import tokenize_shards as write_ids
+
+    write_ids(args.shards, args.out, args.student, args.max_length, args.workers, args.overwrite)
+    return args.out
+
+
 def cache_teacher(args) -> Path:
     from .cache import cache_teacher_embeddings, resolve_token_budget
     from .ds_config import load_ds_config
@@ -148,6 +155,7 @@ class Command:
 COMMANDS = {
     "make_shards": Command(config.make_shards_parser, make_shards),
     "cache_teacher": Command(config.cache_teacher_parser, cache_teacher, ranks=True),
+    "tokenize_shards": Command(config.tokenize_shards_parser, tokenize_shards),
     "distill": Command(config.distill_parser, lambda args: train_stage(args, "distill"), training=True, ranks=True),
     "finetune": Command(config.finetune_parser, lambda args: train_stage(args, "finetune"), training=True, ranks=True),
     "evaluate": Command(config.evaluate_parser, evaluate),

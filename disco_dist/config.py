@@ -270,6 +270,23 @@ def cache_teacher_parser() -> Parser:
     return parser
 
 
+def tokenize_shards_parser() -> Parser:
+    parser = Parser(
+        prog="tokenize_shards.py",
+        description="Store a student's token ids in a shard folder (a new folder: the same sentences, teacher "
+        "embeddings where cached, and the ids); stage 1 then pads them into batches instead of tokenising.",
+    )
+    parser.add_argument(
+        "--shards", type=stream.location, required=True, help="shard folder (or its http(s):// URL, or 'pipe:...')"
+    )
+    parser.add_argument("--student", required=True, help="the student whose tokenizer makes the ids (a folder or name)")
+    parser.add_argument("--out", type=Path, required=True, help="new shard folder to write")
+    parser.add_argument("--max-length", type=int, default=128, help="the max length stage 1 will use (default 128)")
+    parser.add_argument("--workers", type=int, default=1, help="processes tokenising shards at once (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    return parser
+
+
 def evaluate_parser() -> Parser:
     from .encoder import POOLINGS
     from .evaluate import TASKS

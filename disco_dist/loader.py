@@ -44,6 +44,7 @@ class ShardBatches:
         shuffle_buffer: int = 10_000,
         length_bucket: int = 16,
         num_workers: int = 0,
+        with_ids: bool = False,
     ):
         if len(index.shards) < world_size:
             raise UserError(
@@ -53,6 +54,7 @@ class ShardBatches:
         self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
         self.collate, self.seed, self.shuffle_buffer = collate, seed, shuffle_buffer
         self.length_bucket, self.num_workers = max(1, length_bucket), num_workers
+        self.with_ids = with_ids  # the shards' stored token ids go to `collate(texts, teacher, ids)`
         if self.batches_per_epoch(0) == 0:
             raise UserError(
                 f"{index.folder}: {index.total} sentences over {world_size} ranks give no full batch of "
@@ -69,12 +71,14 @@ class ShardBatches:
         return min(sum(counts[i] for i in self.shards_of(epoch, r)) for r in range(self.world_size)) // self.batch_size
 
     def raw_batches(self, epoch: int):
-        """This rank's epoch as lists of (key, text, teacher) samples, before tokenisation (cheap)."""
+        """This rank's epoch as lists of (key, text, teacher) samples (with the stored ids last, with `with_ids`),
+        before tokenisation (cheap)."""
         rng = _rng("samples", self.seed, epoch, self.rank)
         order = _rng("batch order", self.seed, epoch)  # the same on every rank: equal-length steps
         group = self.batch_size * self.length_bucket
         produced, limit = 0, self.batches_per_epoch(epoch)
-        samples = iter_shard_samples(self.index, self.shards_of(epoch, self.rank), with_keys=True)
+        shards = self.shards_of(epoch, self.rank)
+        samples = iter_shard_samples(self.index, shards, with_keys=True, with_ids=self.with_ids)
         for chunk in chunks(_shuffled(samples, self.shuffle_buffer, rng), group):
             if self.length_bucket > 1:
                 chunk.sort(key=lambda sample: len(sample[1]))
@@ -115,13 +119,14 @@ class _CollatedBatches(IterableDataset):
     def _batches(self, worker: int, workers: int):
         for number, batch in enumerate(self.loader.raw_batches(self.epoch)):
             if number >= self.start and (number - self.start) % workers == worker:
-                texts = [text for _, text, _ in batch]
+                texts = [sample[1] for sample in batch]
                 teacher = (
                     None
                     if batch[0][2] is None
-                    else torch.from_numpy(np.stack([t for *_, t in batch]).astype(np.float32))
+                    else torch.from_numpy(np.stack([sample[2] for sample in batch]).astype(np.float32))
                 )
-                yield {**self.loader.collate(texts, teacher), "keys": [key for key, _, _ in batch]}
+                ids = {"ids": [sample[3] for sample in batch]} if self.loader.with_ids else {}
+                yield {**self.loader.collate(texts, teacher, **ids), "keys": [sample[0] for sample in batch]}
 
 
 WORKER_ERROR = "__user_error__"

@@ -4,9 +4,11 @@ side by side in one run, against what training consumes. Prints a table (docs/be
     python -m disco_dist.loader_rate --shards runs/wiki1m --serve --ranks 2 --out runs/loader_rate.json
 
 Each rank is a process running `ShardBatches` over one epoch (read and check shards, shuffle buffer, length
-buckets, tokenise with the student's tokenizer, collate), one thread each. `--serve` starts `python -m http.server`
-on 127.0.0.1 over the folder's parent and measures `http://127.0.0.1:PORT/<folder name>` too. The consumption is
-stage-1 training's sentences/s (default: the st_training row's `disco_sentences_per_s` in docs/benchmarks.json).
+buckets, tokenise with the student's tokenizer, collate), one thread each; on shards holding the student's token
+ids (`launchers/tokenize_shards.py`) it pads those instead of tokenising, as training does.
+`--serve` starts `python -m http.server` on 127.0.0.1 over the folder's parent and measures
+`http://127.0.0.1:PORT/<folder name>` too. The consumption is stage-1 training's sentences/s (default: the
+st_training row's `disco_sentences_per_s` in docs/benchmarks.json).
 """
 
 import argparse
@@ -28,23 +30,26 @@ def _rank(location, rank: int, world_size: int, student: str, batch_size: int, m
     from .encoder import Encoder
     from .loader import ShardBatches
     from .shards import read_index
+    from .token_ids import pad, usable
 
     torch.set_num_threads(1)
-    tokenizer = Encoder.from_pretrained(student, max_length=max_length)
+    encoder = Encoder.from_pretrained(student, max_length=max_length)
+    index = read_index(location)
     tokenizing = [0.0]
 
-    def collate(texts, _):  # the tokeniser's share of the loader's time, timed where it runs
+    def collate(texts, _, ids=None):  # the tokeniser's (or padding's) share of the loader's time, timed where it runs
         start = time.perf_counter()
-        batch = tokenizer.tokenize(texts)
+        batch = encoder.tokenize(texts) if ids is None else pad(encoder, ids)
         tokenizing[0] += time.perf_counter() - start
         return batch
 
-    loader = ShardBatches(read_index(location), batch_size, rank, world_size, collate)
+    with_ids = usable(index, encoder)
+    loader = ShardBatches(index, batch_size, rank, world_size, collate, with_ids=with_ids)
     start, sentences, tokens = time.perf_counter(), 0, 0
     for batch in loader.batches(0):
         sentences += len(batch["keys"])
         tokens += int(batch["attention_mask"].sum())
-    return sentences, tokens, time.perf_counter() - start, tokenizing[0]
+    return sentences, tokens, time.perf_counter() - start, tokenizing[0], with_ids
 
 
 def measure(location, ranks: int, student: str, batch_size: int, max_length: int) -> dict:
@@ -56,6 +61,7 @@ def measure(location, ranks: int, student: str, batch_size: int, max_length: int
     seconds = max(r[2] for r in results)
     return {
         "source": str(location),
+        "token_ids": results[0][4],  # the shards' stored ids padded, not tokenised
         "ranks": ranks,
         "sentences": sentences,
         "tokens": sum(r[1] for r in results),
@@ -136,13 +142,14 @@ def main(argv=None) -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; training consumes {consumption} sentences/s")
     print(
         f"{'source':<44} {'ranks':>5} {'sentences':>10} {'seconds':>8} {'sentences/s':>12} {'per core':>9} "
-        f"{'tokenise share':>14} {'tokenise/core':>13} {'x training':>10}"
+        f"{'tokenise share':>14} {'tokenise/core':>13} {'x training':>10} ids"
     )
     for r in rows:
         print(
             f"{r['source'][-44:]:<44} {r['ranks']:>5} {r['sentences']:>10,} {r['seconds']:>8} "
             f"{r['sentences_per_s']:>12,} {r['sentences_per_s_per_core']:>9,} {r['tokenize_share']:>14.0%} "
-            f"{r['tokenize_sentences_per_s_per_core']:>13,} {r['x_consumption']:>10}"
+            f"{r['tokenize_sentences_per_s_per_core']:>13,} {r['x_consumption']:>10} "
+            f"{'yes' if r['token_ids'] else 'no'}"
         )
     if args.out:
         write_json_atomic(args.out, {"cpu": cpu_model(), "consumption": consumption, "rows": rows})

@@ -4,7 +4,9 @@ A shard folder holds `shard-000000.tar`, ... and `index.json`:
     {"format": 1, "total": N, "shards": [{"name", "samples", "sha256", "bytes"}, ...], "source": ...,
      "source_sha256": ..., "seed": ..., "dropped": {...}, "teacher": null | {"model", "dim", "dtype"}}
 Each sample is `<key>.txt` (UTF-8 sentence) and, in teacher-cached shards, `<key>.teacher.f16` (the teacher's
-embedding as raw little-endian float16). The index is what lets every rank know the epoch's length up front.
+embedding as raw little-endian float16); in tokenised shards also `<key>.ids` (a student's token ids, the dtype
+and tokenizer recorded in the index's "tokens": see token_ids.py).
+The index is what lets every rank know the epoch's length up front.
 Everything is written to temporary names and renamed, the index last: a folder with an index is complete.
 A folder is read from where `stream.py` says: on disk, from an http(s) server or through a `pipe:` command; each
 shard is checked against its sha256 as it is read, before any of its samples is used.
@@ -26,6 +28,7 @@ from .stream import check_base, fetch, is_remote, join
 INDEX = "index.json"
 FORMAT = 1
 TEACHER_KEY = "teacher.f16"
+IDS_KEY = "ids"
 
 
 @dataclass
@@ -144,10 +147,12 @@ class ShardFile:
         self._writer = wds.TarWriter(self._file, mtime=0, user="disco", group="disco")
         self.samples = 0
 
-    def write(self, key: str, text: str, teacher: np.ndarray | None = None) -> None:
+    def write(self, key: str, text: str, teacher: np.ndarray | None = None, ids: np.ndarray | None = None) -> None:
         sample = {"__key__": key, "txt": text.encode("utf-8")}
         if teacher is not None:
             sample[TEACHER_KEY] = np.asarray(teacher, dtype="<f2").tobytes()
+        if ids is not None:  # already in the index's dtype
+            sample[IDS_KEY] = ids.tobytes()
         self._writer.write(sample)
         self.samples += 1
 
@@ -231,13 +236,15 @@ def count_shard_samples(path) -> int:
         return 0
 
 
-def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=print):
+def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=print, with_ids=False):
     """(text, teacher embedding or None) from shards `numbers` of the index (default: all) in that order
-    (with `with_keys`: (key, text, teacher)). Each shard is read whole, from wherever the index lives, and its
+    (with `with_keys`: (key, text, teacher); with `with_ids` each tuple ends with the token ids, or None where the
+    shards hold none). Each shard is read whole, from wherever the index lives, and its
     samples are used only once its sha256 matches the index: a shard changed during a run stops it."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     paths = index.paths()
+    ids_dtype = (index.meta.get("tokens") or {}).get("dtype", "<u4")
     for i in range(len(index.shards)) if numbers is None else numbers:
         entry = index.shards[i]
         shard = fetch(paths[i], entry.get("bytes"), log=log)
@@ -252,4 +259,8 @@ def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=pri
             teacher = sample.get(TEACHER_KEY)
             teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")
             text = sample["txt"].decode("utf-8")
-            yield (sample["__key__"], text, teacher) if with_keys else (text, teacher)
+            found = (sample["__key__"], text, teacher) if with_keys else (text, teacher)
+            if with_ids:
+                ids = sample.get(IDS_KEY)
+                found += (None if ids is None else np.frombuffer(ids, dtype=ids_dtype),)
+            yield found

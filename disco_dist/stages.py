@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, token_ids
 from .config_output import matryoshka_weights
 from .distributed import to_device
 from .encoder import Encoder
@@ -185,7 +185,11 @@ class Distill(Stage):
             shuffle_buffer=args.shuffle_buffer,
             length_bucket=args.length_bucket,
             num_workers=args.num_workers,
+            with_ids=token_ids.usable(index, encoder),
         )
+        note = token_ids.mismatch_note(index, encoder)
+        if note and env.is_main:
+            print(note, flush=True)
         self._last_keys = None
         self._teacher_seconds_counted = self.teacher.seconds if self.teacher else 0.0
 
@@ -225,8 +229,10 @@ class Distill(Stage):
             return texts, self.teacher.embed(texts)  # every rank embeds the same sentences: equal forwards
         return texts, torch.from_numpy(np.stack([e for _, e in samples]).astype(np.float32))
 
-    def collate(self, texts, teacher):
-        batch = self.student.encoder.tokenize(texts)
+    def collate(self, texts, teacher, ids=None):
+        """A batch of `texts`: tokenised here, or padded from the shards' stored `ids` (the same tensors)."""
+        encoder = self.student.encoder
+        batch = encoder.tokenize(texts) if ids is None else token_ids.pad(encoder, ids)
         return {
             "texts": texts,
             **student_inputs(batch),
