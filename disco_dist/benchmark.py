@@ -55,6 +55,7 @@ class Settings:
     queue_size: int = 65_536
     repeats: int = 3
     st_batch_sizes: tuple = (8, 16, 32, 64, 128, 256)
+    ceiling_batch_sizes: tuple = ()  # the plain loop's training batches beside batch_size (ceiling.py)
     device: str = "cpu"
     precision: str = "fp32"
     bf16_steps: int = 200  # bf16_training: steps of each side
@@ -220,12 +221,17 @@ class Benchmark(WholeRuns):
             lambda: self._worker("st_training", self._spec(shards=str(self.cached)))["sentences_per_s"],
             self.s.repeats,
         )
+        sizes = [self.s.batch_size, *(b for b in self.s.ceiling_batch_sizes if b != self.s.batch_size)]
+        ceiling = self._worker("ceiling_train", self._spec(shards=str(self.cached), batch_sizes=sizes))
+        ceiling = {k: v and round(v, 2) for k, v in ceiling["sentences_per_s"].items()}
         self._add(
             "st_training",
             ours / theirs,
             self.s.command,
             disco_sentences_per_s=round(ours, 2),
             st_sentences_per_s=round(theirs, 2),
+            ceiling_sentences_per_s=ceiling,  # the plain loop at each batch size (None: did not fit)
+            x_ceiling=round(ours / ceiling[str(self.s.batch_size)], 3),
             batch_size=self.s.batch_size,
             steps=self.s.steps,
             warmup_steps=self.s.warmup_steps,
@@ -247,11 +253,15 @@ class Benchmark(WholeRuns):
         )
         self.cached = self.work / "cached"  # written by the passes just timed: the training parts reuse it
         cache = json.loads((self.cached / "index.json").read_text())["teacher"]
+        spec = self._spec(shards=str(self.source), batch_size=cache["batch_size"])
+        ceiling = self._worker("ceiling_encode", spec)["sentences_per_s"]
         self._add(
             "teacher_encode",
             ours / theirs,
             self.s.command,
             disco_sentences_per_s=round(ours, 2),
+            ceiling_sentences_per_s=round(ceiling, 2),  # the plain forward at the cache pass's batch size
+            x_ceiling=round(ours / ceiling, 3),
             disco_teacher_batch_size=cache["batch_size"],
             disco_token_budget=cache["token_budget"],
             st_sentences_per_s=round(theirs, 2),

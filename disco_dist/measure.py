@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .ceiling import worker_ceiling_encode, worker_ceiling_train
 from .distributed import module_argv
 from .files import REPO_ROOT
 
@@ -192,6 +193,8 @@ def worker_matmul(spec: dict) -> dict:
 
 
 WORKERS = {
+    "ceiling_train": worker_ceiling_train,
+    "ceiling_encode": worker_ceiling_encode,
     "st_training": worker_st_training,
     "st_encode": worker_st_encode,
     "teacher_ranks": worker_teacher_ranks,

@@ -13,7 +13,6 @@ shard is checked against its sha256 as it is read, before any of its samples is 
 """
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from .errors import RankError, UserError
 from .files import sha256_of, write_json_atomic
 from .stream import check_base, fetch, is_remote, join
+from .tar_members import tar_samples
 
 INDEX = "index.json"
 FORMAT = 1
@@ -241,8 +241,6 @@ def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=pri
     (with `with_keys`: (key, text, teacher); with `with_ids` each tuple ends with the token ids, or None where the
     shards hold none). Each shard is read whole, from wherever the index lives, and its
     samples are used only once its sha256 matches the index: a shard changed during a run stops it."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     paths = index.paths()
     ids_dtype = (index.meta.get("tokens") or {}).get("dtype", "<u4")
     for i in range(len(index.shards)) if numbers is None else numbers:
@@ -254,8 +252,7 @@ def iter_shard_samples(index: ShardIndex, numbers=None, with_keys=False, log=pri
                 f"{entry['sha256'][:12]}...): changed since the shards were made or checked; restore or re-make "
                 "it and rerun (training: --resume auto)"
             )
-        files = ({**file, "__url__": paths[i]} for file in tar_file_iterator(io.BytesIO(shard.data)))
-        for sample in group_by_keys(files):
+        for sample in tar_samples(shard.data, paths[i]):
             teacher = sample.get(TEACHER_KEY)
             teacher = None if teacher is None else np.frombuffer(teacher, dtype="<f2")
             text = sample["txt"].decode("utf-8")

@@ -8,7 +8,9 @@ and writes the rows to JSON (rows of other devices in that file are kept).
     python launchers/benchmark.py --parts time_to_student_min                                  # ~30 min
 
 On a GPU the student trains in bf16 (autocast) with the padding-free forward (SDPA attention); the
-st_training row then records the run's peak GPU memory.
+st_training row then records the run's peak GPU memory. st_training and teacher_encode also time the ceiling, a
+plain PyTorch loop on the same model, sentences and precision (disco_dist/ceiling.py), and record disco-dist's
+rate as a fraction of it (`x_ceiling`).
 """
 
 import argparse
@@ -33,6 +35,7 @@ GPU_SIZES = {
     "warmup_steps": 10,
     "parts": ("st_training", "teacher_encode", "mfu"),
     "mfu_ranks": 0,  # one GPU: the mfu row is st_training's one process
+    "ceiling_batch_sizes": (256, 1024, 4096),  # the plain loop beside the row's batch, up to what fits
 }
 
 
@@ -69,6 +72,12 @@ def main(argv=None):
     parser.add_argument("--queue-size", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--st-batch-sizes", type=int, nargs="+", help="SentenceTransformer.encode batch sizes to try")
+    parser.add_argument(
+        "--ceiling-batch-sizes",
+        type=int,
+        nargs="+",
+        help="st_training: the plain PyTorch loop's batch sizes beside --batch-size (--gpu: 256 1024 4096)",
+    )
     parser.add_argument("--bf16-steps", type=int, help="bf16_training: steps of each side (default 200)")
     parser.add_argument(
         "--bf16-shards", help="bf16_training: teacher-cached shards to train on (required by that part)"
@@ -126,6 +135,8 @@ def main(argv=None):
             values[name] = getattr(args, name)
     if args.st_batch_sizes:
         values["st_batch_sizes"] = tuple(args.st_batch_sizes)
+    if args.ceiling_batch_sizes:
+        values["ceiling_batch_sizes"] = tuple(args.ceiling_batch_sizes)
     if "--parts" in argv or not args.gpu:
         values["parts"] = tuple(args.parts)
     mode_defaults = {**vars(defaults), **(GPU_SIZES if args.gpu else {}), "zero3_config": None}

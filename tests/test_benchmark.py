@@ -52,6 +52,8 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
         "--st-batch-sizes",
         8,
         32,
+        "--ceiling-batch-sizes",
+        16,
         "--teacher-ds-config",
         REPO / "ds_configs" / "teacher_zero3_prefetch.json",
         "--teacher-token-budget",
@@ -84,6 +86,12 @@ def test_benchmark_runs_every_part_at_a_tiny_size(tmp_path):
     one_process = training["disco_sentences_per_s"] / mfu["matmul_tflops"]
     expected = mfu["one_process_mfu"] * two_ranks / one_process  # tiny models: MFU ~0.002, the row rounds to 4 places
     assert rows[3]["value"] == pytest.approx(expected, rel=1e-2, abs=1e-4), mfu
+    # the plain loop measured in the same run: training at the row's batch and the larger one asked for
+    assert sorted(training["ceiling_sentences_per_s"]) == ["16", "8"], training
+    assert training["x_ceiling"] == round(
+        training["disco_sentences_per_s"] / training["ceiling_sentences_per_s"]["8"], 3
+    )
+    assert rows[0]["detail"]["ceiling_sentences_per_s"] > 0 and rows[0]["detail"]["x_ceiling"] > 0, rows[0]
     for row in rows:
         assert row["value"] > 0 and row["device"] == "cpu" and row["better"] in ("higher", "lower"), row
         assert row["command"].startswith("python launchers/benchmark.py")
