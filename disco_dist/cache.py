@@ -11,9 +11,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .errors import UserError
 from .files import write_json_atomic
+from .flops import matmul_rate, mfu
 from .progress import Progress
 from .shards import (
     INDEX,
@@ -89,7 +92,7 @@ def cache_teacher_embeddings(
         samples = [list(iter_shard_samples(source, [i], with_keys=True, with_ids=True)) for i in group]
         return samples, [text for shard in samples for _, text, _, _ in shard]
 
-    start, forwards_before = time.perf_counter(), teacher.forwards
+    start, forwards_before, work_before = time.perf_counter(), teacher.forwards, (teacher.tokens, teacher.flops)
     busiest = busiest_forwards(teacher, source, groups, token_budget, lambda group: read(group)[1])
     mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
@@ -112,6 +115,7 @@ def cache_teacher_embeddings(
         teacher.padding_forward()
     distributed.barrier()
     seconds = time.perf_counter() - start
+    work = pass_work(teacher, work_before, seconds, env)
     if env.is_main:
         entries = [shard_entry(out_folder / entry["name"], entry["samples"]) for entry in source.shards]
         meta = {k: v for k, v in source.meta.items() if k != "format"}
@@ -132,14 +136,41 @@ def cache_teacher_embeddings(
                 # this pass's rate over the shards it wrote (a continued pass also re-embeds the finished shards of
                 # a partly finished group: its rate reads a little low)
                 "sentences_per_s": round(sum(source.counts[i] for i in to_do) / seconds, 2),
+                **work,
             },
         )
         (out_folder / CACHE_PLAN).unlink()
+        write_scalars(out_folder / "tensorboard", index.teacher)
         log(
             f"wrote {index.total} sentences with teacher embeddings in {len(entries)} shards to {out_folder} "
-            f"({index.teacher['sentences_per_s']} sentences/s)"
+            f"({index.teacher['sentences_per_s']} sentences/s; {work['tokens']:,} real tokens, "
+            f"{work['flops'] / 1e12:.4g} TFLOP, MFU {work['mfu']:.1%} of {env.world_size} x "
+            f"{work['matmul_tflops']} TFLOP/s measured here)"
         )
     distributed.barrier()
+
+
+def pass_work(teacher: ZeroTeacher, before: tuple, seconds: float, env) -> dict:
+    """The pass's real tokens and forward FLOPs over every rank (flops.py), and on rank 0 its MFU: against rank 0's
+    device's matmul rate, measured now in the teacher's dtype, times the ranks. Collective."""
+    done = distributed.all_gather_objects((teacher.tokens - before[0], teacher.flops - before[1]))
+    tokens, flops = sum(t for t, _ in done), sum(f for _, f in done)
+    work = {"tokens": tokens, "tokens_per_s": round(tokens / seconds, 1), "flops": flops}
+    if env.is_main:
+        cuda = teacher.device.type == "cuda"
+        dtype = torch.bfloat16 if teacher.bf16 else torch.float32
+        peak = matmul_rate(teacher.device, dtype, size=8192 if cuda else 1024, seconds=1.0 if cuda else 0.3)
+        work.update(matmul_tflops=round(peak / 1e12, 3), mfu=round(mfu(flops, seconds, peak, env.world_size), 4))
+    return work
+
+
+def write_scalars(folder: Path, teacher: dict) -> None:
+    """The pass's rates and MFU as TensorBoard scalars (`tensorboard --logdir` over the shard folder's parent)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for name in ("sentences_per_s", "tokens_per_s", "mfu", "matmul_tflops", "seconds"):
+            writer.add_scalar(f"cache/{name}", teacher[name], 0)
 
 
 def busiest_forwards(teacher: ZeroTeacher, source: ShardIndex, groups: list, token_budget, texts) -> int:

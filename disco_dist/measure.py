@@ -22,25 +22,9 @@ import torch
 from .ceiling import worker_ceiling_encode, worker_ceiling_train
 from .distributed import module_argv
 from .files import REPO_ROOT
+from .flops import matmul_rate
 
 # ---------------------------------------------------------------- timing on a device
-
-
-def matmul_rate(device: torch.device, dtype=torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
-    """Dense matmul FLOP/s of this device with the current thread count: the best of timed bursts."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        _sync(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - t))
-    return best
 
 
 def _sync(device: torch.device) -> None:

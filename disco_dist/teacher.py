@@ -15,6 +15,7 @@ from .distributed import to_device
 from .ds_config import load_ds_config
 from .encoder import Encoder, transformer_layers
 from .errors import UserError
+from .flops import ForwardFlops
 from .heap import give_back_after_each, heap_given_back
 from .partitioned import held_and_total, load_partitioned, partition_token_embedding
 from .precision import default_precision, resolve_precision
@@ -94,6 +95,8 @@ class ZeroTeacher:
         self.device, self.batch_size = device, batch_size or default_teacher_batch_size(device, self.partitioned)
         self.seconds = 0.0  # time spent in teacher forwards, for the step-time breakdown
         self.forwards = 0
+        self.tokens, self.flops = 0, 0.0  # real tokens embedded, and their forward FLOPs (flops.py)
+        self._flops = ForwardFlops(self.encoder.model)
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> "ZeroTeacher":
@@ -127,11 +130,12 @@ class ZeroTeacher:
             "precision": "bf16" if self.bf16 else "fp32",
         }
 
-    def batches(self, sentences: list, token_budget: int | None = None) -> list:
+    def batches(self, sentences: list, token_budget: int | None = None, lengths: list | None = None) -> list:
         """The index lists of `sentences` that `embed` runs, one per forward, of token-count-sorted sentences (little
         padding): `batch_size` at a time, shortest first; or, with `token_budget`, longest first, each batch as many
-        sentences as fit in that many padded tokens (its first sentence's count times its size; one at least)."""
-        lengths = self.encoder.token_counts(sentences)
+        sentences as fit in that many padded tokens (its first sentence's count times its size; one at least).
+        `lengths`: their `token_counts` where already known."""
+        lengths = self.encoder.token_counts(sentences) if lengths is None else lengths
         order = self.encoder.length_order(sentences, lengths)
         if not token_budget:
             return [order[first : first + self.batch_size] for first in range(0, len(order), self.batch_size)]
@@ -152,7 +156,10 @@ class ZeroTeacher:
         every rank must run as many forwards as the others (`self.forwards` counts them)."""
         start = time.perf_counter()
         out = torch.empty(len(sentences), self.dim, device=self.device if on_device else "cpu")
-        for index in self.batches(sentences, token_budget):
+        lengths = self.encoder.token_counts(sentences)
+        for index in self.batches(sentences, token_budget, lengths):
+            real = [lengths[i] for i in index]
+            self.tokens, self.flops = self.tokens + sum(real), self.flops + self._flops(real)
             batch = self.encoder.tokenize([sentences[i] for i in index])
             embeddings = self.encoder(
                 to_device(batch["input_ids"], self.device), to_device(batch["attention_mask"], self.device)

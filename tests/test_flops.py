@@ -1,0 +1,45 @@
+"""The FLOPs a teacher pass reports (disco_dist/flops.py), and the pass reporting them with its MFU."""
+
+import json
+
+import pytest
+from conftest import build_tiny_model, run, scalars
+
+from disco_dist.encoder import Encoder
+from disco_dist.flops import ForwardFlops
+from disco_dist.make_shards import make_shards
+from disco_dist.shards import iter_shard_samples, read_index
+
+
+def test_forward_flops_count_every_linear_weight_per_real_token_and_attention_per_square():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(
+        BertConfig(vocab_size=30, hidden_size=4, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8)
+    )
+    # per layer: q, k, v, o 4x4 each (64) + 4x8 + 8x4 (64) = 128 weights; 2 layers + the 4x4 pooler: 272 -> 544 a token
+    # attention: 4 x 2 layers x (2 heads x 2 wide) = 32 per squared length
+    assert ForwardFlops(model)([3]) == 544 * 3 + 32 * 9
+    assert ForwardFlops(model)([3, 5]) == 544 * 8 + 32 * (9 + 25)
+
+
+def test_the_cache_pass_reports_real_tokens_flops_and_mfu_in_its_line_index_and_tensorboard(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3).resolve()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {i} dog plays" + " in a park" * (i % 9) for i in range(40)) + "\n")
+    make_shards(corpus, tmp_path / "src", shard_size=10, log=lambda *_: None)
+    result = run("cache_teacher.py", "--shards", tmp_path / "src", "--out", tmp_path / "out", "--teacher", model_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    teacher = json.loads((tmp_path / "out" / "index.json").read_text())["teacher"]
+
+    encoder = Encoder.from_pretrained(model_dir, max_length=128)
+    lengths = encoder.token_counts([text for text, _ in iter_shard_samples(read_index(tmp_path / "src"))])
+    assert teacher["tokens"] == sum(lengths)
+    assert teacher["flops"] == ForwardFlops(encoder.model)(lengths)
+    assert 0 < teacher["mfu"] < 1 and teacher["matmul_tflops"] > 0
+    expected = teacher["flops"] / teacher["seconds"] / (teacher["matmul_tflops"] * 1e12)
+    assert teacher["mfu"] == pytest.approx(expected, rel=0.1)  # the index rounds seconds to 0.01 s (a pass of ~0.3 s)
+    last = result.stdout.strip().splitlines()[-1]
+    assert f"{teacher['tokens']:,} real tokens" in last and f"MFU {teacher['mfu']:.1%} of 1 x" in last, last
+    logged = scalars(tmp_path / "out")
+    assert logged["cache/mfu"][0] == pytest.approx(teacher["mfu"]) and logged["cache/tokens_per_s"][0] > 0
