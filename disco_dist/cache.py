@@ -165,7 +165,7 @@ def pass_work(teacher: ZeroTeacher, before: tuple, seconds: float, env) -> dict:
 
 
 def write_scalars(folder: Path, teacher: dict) -> None:
-    """The pass's rates and MFU as TensorBoard scalars (`tensorboard --logdir` over the shard folder's parent)."""
+    """The pass's rates and MFU as TensorBoard scalars, in the shard folder's `tensorboard` folder."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(folder)) as writer:
