@@ -11,12 +11,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from . import distributed
 from .errors import UserError
 from .files import write_json_atomic
-from .flops import matmul_rate, mfu
+from .flops import mfu
 from .progress import Progress
 from .shards import (
     INDEX,
@@ -157,9 +155,7 @@ def pass_work(teacher: ZeroTeacher, before: tuple, seconds: float, env) -> dict:
     tokens, flops = sum(t for t, _ in done), sum(f for _, f in done)
     work = {"tokens": tokens, "tokens_per_s": round(tokens / seconds, 1), "flops": flops}
     if env.is_main:
-        cuda = teacher.device.type == "cuda"
-        dtype = torch.bfloat16 if teacher.bf16 else torch.float32
-        peak = matmul_rate(teacher.device, dtype, size=8192 if cuda else 1024, seconds=1.0 if cuda else 0.3)
+        peak = teacher.matmul_rate()
         work.update(matmul_tflops=round(peak / 1e12, 3), mfu=round(mfu(flops, seconds, peak, env.world_size), 4))
     return work
 

@@ -62,8 +62,17 @@ class Stopwatch:
 
 
 class Metrics:
-    def __init__(self, log_dir, progress_total: int, progress_start: int = 0, show_progress: bool = False):
+    def __init__(
+        self,
+        log_dir,
+        progress_total: int,
+        progress_start: int = 0,
+        show_progress: bool = False,
+        peak_flops_per_s: float | None = None,
+    ):
+        """`peak_flops_per_s`: one device's matmul rate, for an online teacher's MFU (None: no teacher in the run)."""
         self.writer = None
+        self.peak = peak_flops_per_s
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -76,7 +85,7 @@ class Metrics:
 
             self.bar = tqdm(total=progress_total, initial=progress_start, unit="step", dynamic_ncols=True)
         self.terms = defaultdict(float)
-        self.counts = {"sentences": 0, "tokens": 0, "steps": 0}
+        self.counts = {"sentences": 0, "tokens": 0, "steps": 0, "teacher_flops": 0.0}
         self.started = self.interval_start = time.perf_counter()
         self.stopwatch_totals = defaultdict(float)
         self.paused = 0.0
@@ -90,12 +99,13 @@ class Metrics:
         finally:
             self.paused += time.perf_counter() - start
 
-    def record(self, terms: dict, sentences: int, tokens: int, stopwatch) -> None:
+    def record(self, terms: dict, sentences: int, tokens: int, stopwatch, teacher_flops: float = 0.0) -> None:
         for name, value in terms.items():
             self.terms[name] += value.detach()  # stays on the device: no host sync per step
         self.counts["sentences"] += sentences
         self.counts["tokens"] += tokens
         self.counts["steps"] += 1
+        self.counts["teacher_flops"] += teacher_flops
         for name, seconds in stopwatch.take().items():
             self.stopwatch_totals[name] += seconds
         if self.bar is not None:
@@ -105,7 +115,8 @@ class Metrics:
         names = sorted(self.terms)
         steps = max(1, self.counts["steps"])
         values = torch.tensor(
-            [float(self.terms[n]) / steps for n in names] + [self.counts["sentences"], self.counts["tokens"]],
+            [float(self.terms[n]) / steps for n in names]
+            + [self.counts["sentences"], self.counts["tokens"], self.counts["teacher_flops"]],
             dtype=torch.float64,
         )
         if distributed.world_size() > 1:
@@ -113,8 +124,11 @@ class Metrics:
             values[: len(names)] /= distributed.world_size()
         seconds = max(1e-9, time.perf_counter() - self.interval_start - self.paused)
         scalars = {f"loss/{n}": float(v) for n, v in zip(names, values)}
-        scalars["throughput/sentences_per_s"] = float(values[-2]) / seconds
-        scalars["throughput/tokens_per_s"] = float(values[-1]) / seconds
+        scalars["throughput/sentences_per_s"] = float(values[-3]) / seconds
+        scalars["throughput/tokens_per_s"] = float(values[-2]) / seconds
+        if self.peak:  # the online teacher's forward FLOPs over the interval's wall time, all ranks
+            scalars["throughput/teacher_tflops"] = float(values[-1]) / seconds / 1e12
+            scalars["throughput/teacher_mfu"] = float(values[-1]) / seconds / (self.peak * distributed.world_size())
         for name in ("teacher", "wait", "comm"):
             scalars[f"time/{name}_share"] = self.stopwatch_totals.get(name, 0.0) / seconds
         scalars.update({(k if "/" in k else f"train/{k}"): v for k, v in gauges.items()})
@@ -124,7 +138,7 @@ class Metrics:
             self.writer.flush()
             self._report(step, scalars)
         self.terms.clear()
-        self.counts = {"sentences": 0, "tokens": 0, "steps": 0}
+        self.counts = {"sentences": 0, "tokens": 0, "steps": 0, "teacher_flops": 0.0}
         self.stopwatch_totals.clear()
         self.interval_start, self.paused = time.perf_counter(), 0.0
 
@@ -137,8 +151,9 @@ class Metrics:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(1, done) * (self.total - step)
+        mfu = f" (MFU {scalars['throughput/teacher_mfu']:.1%})" if "throughput/teacher_mfu" in scalars else ""
         print(
-            f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}  "
+            f"step {step}/{self.total}  {losses}  {rate:.1f} sent/s  teacher {scalars['time/teacher_share']:.0%}{mfu}  "
             f"wait {scalars['time/wait_share']:.0%}  comm {scalars['time/comm_share']:.0%}  ETA {duration(eta)}",
             flush=True,
         )

@@ -269,10 +269,12 @@ class Distill(Stage):
 
     def _embed_group(self, group, skip: int = 0):
         """Embed the group's sentences in one call; yield its batches from the `skip`-th on."""
+        flops = self.teacher.flops
         embeddings = self.teacher.embed([text for batch in group for text in batch["texts"]], on_device=True)
-        offset = 0
+        flops, offset = self.teacher.flops - flops, 0
         for batch in group:
             batch["teacher"] = embeddings[offset : offset + batch["sentences"]]
+            batch["teacher_flops"] = flops * batch["sentences"] / len(embeddings)  # its share, for the teacher's MFU
             offset += batch["sentences"]
         yield from group[skip:]
 

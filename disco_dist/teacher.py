@@ -15,7 +15,7 @@ from .distributed import to_device
 from .ds_config import load_ds_config
 from .encoder import Encoder, transformer_layers
 from .errors import UserError
-from .flops import ForwardFlops
+from .flops import ForwardFlops, matmul_rate
 from .heap import give_back_after_each, heap_given_back
 from .partitioned import held_and_total, load_partitioned, partition_token_embedding
 from .precision import default_precision, resolve_precision
@@ -173,6 +173,13 @@ class ZeroTeacher:
                 progress.update(len(index))
         self.seconds += time.perf_counter() - start
         return out
+
+    def matmul_rate(self) -> float:
+        """Matmul FLOP/s of the teacher's device in the teacher's dtype, measured now (about a second): what its
+        MFU is counted against."""
+        cuda = self.device.type == "cuda"
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return matmul_rate(self.device, dtype, size=8192 if cuda else 1024, seconds=1.0 if cuda else 0.3)
 
     def padding_forward(self) -> None:
         """A throw-away forward, so a rank with nothing left keeps step with the others' gathers."""

@@ -124,11 +124,13 @@ def train(args, stage_class) -> Path:
                 "stage": stage.name,
             },
         )
+    online_teacher = getattr(stage, "teacher", None)
     metrics = Metrics(
         run_dir / "tensorboard" if env.is_main else None,
         progress_total=state.total_steps,
         progress_start=state.step,
         show_progress=_show_progress(args, env),
+        peak_flops_per_s=online_teacher.matmul_rate() if online_teacher is not None else None,
     )
     sample_log = (
         SampleLog(run_dir / "samples" / f"rank-{env.rank}.tsv", state.epoch, state.batch) if args.sample_log else None
@@ -159,7 +161,7 @@ def train(args, stage_class) -> Path:
         if taken:
             state.step += 1
             state.bad_in_a_row = 0
-            metrics.record(step["terms"], sentences=step["sentences"], tokens=step["tokens"], stopwatch=stopwatch)
+            metrics.record(step["terms"], step["sentences"], step["tokens"], stopwatch, step["teacher_flops"])
         else:
             state.skipped += 1
             state.bad_in_a_row += 1
@@ -201,6 +203,7 @@ def train(args, stage_class) -> Path:
                 "verdict": Verdict(skipped),
                 "terms": {"total": loss.detach(), **{k: v.detach() for k, v in terms.items()}},
                 **{k: batch[k] for k in ("sentences", "tokens")},
+                "teacher_flops": batch.get("teacher_flops", 0.0),
                 "epoch": state.epoch,
                 "batch": number,
                 "keys": batch.get("keys"),

@@ -43,3 +43,23 @@ def test_the_cache_pass_reports_real_tokens_flops_and_mfu_in_its_line_index_and_
     assert f"{teacher['tokens']:,} real tokens" in last and f"MFU {teacher['mfu']:.1%} of 1 x" in last, last
     logged = scalars(tmp_path / "out")
     assert logged["cache/mfu"][0] == pytest.approx(teacher["mfu"]) and logged["cache/tokens_per_s"][0] > 0
+
+
+def test_the_step_line_and_tensorboard_show_an_online_teacher_s_mfu(tmp_path, capsys):
+    """Metrics over one interval: the teacher's forward FLOPs over the interval's wall time and one device's rate."""
+    import time
+
+    import torch
+
+    from disco_dist.metrics import Metrics, Stopwatch
+
+    metrics = Metrics(tmp_path / "tensorboard", progress_total=10, peak_flops_per_s=1e12)
+    started = time.perf_counter()
+    metrics.record({"ckd": torch.tensor(1.0)}, 8, 100, Stopwatch(), teacher_flops=2e10)
+    time.sleep(0.05)
+    metrics.flush(1, {})
+    seconds = time.perf_counter() - started
+    metrics.close()
+    mfu = scalars(tmp_path)["throughput/teacher_mfu"][1]
+    assert 2e10 / seconds / 1e12 <= mfu <= 2e10 / 0.05 / 1e12  # at most 40%, over at least the 50 ms slept
+    assert f"(MFU {mfu:.1%})" in capsys.readouterr().out

@@ -106,8 +106,12 @@ def test_distill_two_ranks_then_resume_matches_uninterrupted(setup, uninterrupte
         "time/teacher_share",
         "time/wait_share",
         "time/comm_share",
+        "throughput/teacher_tflops",
+        "throughput/teacher_mfu",
     ):
         assert set(logged[tag]) == {5, 10, 15, 20, 25, 30}, tag
+    # the online teacher's forward FLOPs over the wall time, against 2 x the matmul rate measured at start-up
+    assert all(0 < mfu < 1 for mfu in logged["throughput/teacher_mfu"].values()), logged["throughput/teacher_mfu"]
     assert logged["train/queue_fill"][30] == 1.0  # 128 slots, 32 teacher embeddings per step
     # the scale has its own learning rate: at --lr 1e-3 its log could move at most ~0.03 from e in 30 steps
     assert max(abs(math.log(s / math.e)) for s in logged["train/logit_scale"].values()) > 0.15, logged[
@@ -235,6 +239,7 @@ def test_mse_loss_falls_with_cached_teacher(setup, tmp_path, precision):
     assert steps[-1] == 3 * (1200 // 2 // 16)  # 3 epochs of 37 batches per rank
     assert losses[steps[-1]] < 0.5 * losses[steps[0]]
     assert scalars(run)["time/teacher_share"][steps[-1]] == 0.0  # cached: the teacher never runs
+    assert "throughput/teacher_mfu" not in scalars(run)
 
 
 def test_frozen_word_embeddings_stay_as_they_were_while_the_rest_trains(setup, tmp_path):
