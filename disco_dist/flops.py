@@ -44,9 +44,11 @@ def mfu(flops: float, seconds: float, peak_flops_per_s: float, devices: int = 1)
 
 
 def matmul_rate(device: torch.device, dtype=torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
-    """Dense matmul FLOP/s of this device with the current thread count: the best of timed bursts."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """Dense matmul FLOP/s of this device with the current thread count: the best of timed bursts. Its own random
+    generator: measuring leaves a run's random state (dropout, initialisation) as it was."""
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     for _ in range(2):
         a @ b
     best, start = 0.0, time.perf_counter()

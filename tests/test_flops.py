@@ -63,3 +63,16 @@ def test_the_step_line_and_tensorboard_show_an_online_teacher_s_mfu(tmp_path, ca
     mfu = scalars(tmp_path)["throughput/teacher_mfu"][1]
     assert 2e10 / seconds / 1e12 <= mfu <= 2e10 / 0.05 / 1e12  # at most 40%, over at least the 50 ms slept
     assert f"(MFU {mfu:.1%})" in capsys.readouterr().out
+
+
+def test_measuring_the_matmul_rate_leaves_a_run_s_random_state_alone():
+    """A run measures it at start-up (an online teacher's MFU): its dropout and initialisation must not change."""
+    import torch
+
+    from disco_dist.flops import matmul_rate
+
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    assert matmul_rate(torch.device("cpu"), size=64, seconds=0.01) > 0
+    assert torch.equal(torch.rand(4), expected)

@@ -292,10 +292,11 @@ def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_r
         batch_size = 8  # 4 student batches of 2 a forward
 
         def __init__(self):
-            self.calls = []
+            self.calls, self.flops = [], 0.0
 
         def embed(self, texts, on_device=False):  # as a real teacher's, an embedding depends on the forward's others
             self.calls.append(tuple(texts))
+            self.flops += 10.0 * len(texts)
             together = float(sum(map(ord, "".join(texts))))
             return torch.tensor([[float(sum(map(ord, text))), together] for text in texts])
 
@@ -307,6 +308,7 @@ def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_r
 
     full_calls, full = run(0)
     assert [len(call) for call in full_calls] == [8, 8, 8, 6]
+    assert all(b["teacher_flops"] == 20.0 for b in full)  # each batch's share of its forward's FLOPs (its 2 sentences)
     for start in (10, 12, 13, 14):
         calls, resumed = run(start)
         assert calls == full_calls[start // 4 :], start  # the same forwards, from the group holding `start`
