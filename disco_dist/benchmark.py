@@ -231,7 +231,7 @@ class Benchmark(WholeRuns):
             disco_sentences_per_s=round(ours, 2),
             st_sentences_per_s=round(theirs, 2),
             ceiling_sentences_per_s=ceiling,  # the plain loop at each batch size (None: did not fit)
-            x_ceiling=round(ours / ceiling[str(self.s.batch_size)], 3),
+            x_ceiling=round(ours / ceiling[str(self.s.batch_size)], 3) if ceiling[str(self.s.batch_size)] else None,
             batch_size=self.s.batch_size,
             steps=self.s.steps,
             warmup_steps=self.s.warmup_steps,

@@ -162,8 +162,11 @@ def pass_work(teacher: ZeroTeacher, before: tuple, seconds: float, env) -> dict:
 
 def write_scalars(folder: Path, teacher: dict) -> None:
     """The pass's rates and MFU as TensorBoard scalars, in the shard folder's `tensorboard` folder."""
+    import shutil
+
     from torch.utils.tensorboard import SummaryWriter
 
+    shutil.rmtree(folder, ignore_errors=True)  # an overwritten cache's events go with it
     with SummaryWriter(str(folder)) as writer:
         for name in ("sentences_per_s", "tokens_per_s", "mfu", "matmul_tflops", "seconds"):
             writer.add_scalar(f"cache/{name}", teacher[name], 0)

@@ -2,7 +2,9 @@
 
 The benchmark reports each disco-dist rate as a fraction of this loop measured in the same run (and of the
 library it replaces): a rate far below the loop is time spent outside the model (the host, the data path,
-synchronisation), not a slow GPU. The loop uses the same model, sentences, max length and precision:
+synchronisation), not a slow GPU. The loop uses the same model, sentences, max length and precision, and none of
+disco-dist's savings (training batches in corpus order, each padded to its longest sentence; no length buckets, no
+padding-free forward), so a ratio above 1 is possible on sentences of mixed lengths:
 
   train   the student (`AutoModel`, SDPA/eager as loaded) + a linear head to the teacher's width, mean pooling,
           MSE to the cached teacher embeddings, fused AdamW; every batch tokenised and on the device before the

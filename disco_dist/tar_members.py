@@ -30,7 +30,11 @@ def _number(field: bytes, where: str) -> int:
         raise RankError(f"{where}: a tar header's number field {field!r} is not a number (corrupt shard)") from None
 
 
-def _pax_path(body: bytes) -> str | None:
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as tarfile reads a name that is not UTF-8
+
+
+def _pax_path(body: bytes, where: str) -> str | None:
     """The `path` record of a pax extended header ("<length> path=<value>\\n" records)."""
     position = 0
     found = None
@@ -38,11 +42,16 @@ def _pax_path(body: bytes) -> str | None:
         space = body.find(b" ", position)
         if space < 0:
             break
-        length = int(body[position:space])
+        try:
+            length = int(body[position:space])
+        except ValueError:
+            length = 0
+        if length <= space - position:
+            raise RankError(f"{where}: a pax header's record is malformed (corrupt shard)")
         record = body[space + 1 : position + length - 1]
         keyword, _, value = record.partition(b"=")
         if keyword == b"path":
-            found = value.decode("utf-8")
+            found = _name(value)
         position += length
     return found
 
@@ -63,7 +72,7 @@ def regular_files(data: bytes, where: str):
             raise RankError(f"{where}: a tar member runs past the end of the shard (truncated or corrupt)")
         offset = start + -(-size // BLOCK) * BLOCK
         if kind in (b"x", b"L"):  # the next member's full name
-            long_name = _pax_path(data[start:end]) if kind == b"x" else data[start:end].split(b"\0", 1)[0].decode()
+            long_name = _pax_path(data[start:end], where) if kind == b"x" else _name(data[start:end].split(b"\0", 1)[0])
             continue
         if kind == b"g":
             continue
@@ -71,10 +80,10 @@ def regular_files(data: bytes, where: str):
         if kind not in REGULAR:
             continue
         if name is None:
-            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            name = _name(header[0:100].split(b"\0", 1)[0])
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             if prefix:
-                name = prefix.decode("utf-8") + "/" + name
+                name = _name(prefix) + "/" + name
         yield name, data[start:end]
 
 

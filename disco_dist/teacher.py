@@ -182,8 +182,11 @@ class ZeroTeacher:
         return matmul_rate(self.device, dtype, size=8192 if cuda else 1024, seconds=1.0 if cuda else 0.3)
 
     def padding_forward(self) -> None:
-        """A throw-away forward, so a rank with nothing left keeps step with the others' gathers."""
+        """A throw-away forward, so a rank with nothing left keeps step with the others' gathers (not counted as
+        embedded tokens or FLOPs)."""
+        counted = self.tokens, self.flops
         self.embed(["."])
+        self.tokens, self.flops = counted
 
     def local_parameter_fraction(self) -> float:
         """Share of the teacher's parameter elements this rank holds (about 1/W under ZeRO-3)."""

@@ -24,21 +24,27 @@ import torch
 from .errors import UserError
 from .progress import Progress
 from .shards import ShardFile, iter_shard_samples, prepare_output_folder, read_index, shard_entry, write_index
-from .stream import describe
+from .stream import describe, is_remote
 
 
 def fingerprint(encoder) -> str | None:
     """sha256 of what decides a sentence's ids: the tokenizer's definition (vocabulary, normaliser, pre-tokeniser,
-    special tokens), the prompt and the max length. None for a tokenizer without a serialisable definition."""
-    backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
+    post-processor, special tokens) without the truncation and padding state every call resets, its class and
+    truncation side, the prompt and the max length. None for a tokenizer without a serialisable definition."""
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    definition = json.dumps([backend.to_str(), encoder.prompt, encoder.max_length])
-    return hashlib.sha256(definition.encode("utf-8")).hexdigest()
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    settings = [type(tokenizer).__name__, tokenizer.truncation_side, getattr(tokenizer, "split_special_tokens", None)]
+    text = json.dumps([definition, settings, encoder.prompt, encoder.max_length], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def ids_dtype(encoder) -> str:
-    return "<u2" if len(encoder.tokenizer) <= 2**16 else "<u4"
+    """uint16 where every id fits (the largest id, not the vocabulary's size: ids can have gaps), else uint32."""
+    tokenizer = encoder.tokenizer
+    return "<u2" if max(tokenizer.get_vocab().values(), default=0) < 2**16 and len(tokenizer) <= 2**16 else "<u4"
 
 
 def token_ids(encoder, sentences: list) -> list:
@@ -111,6 +117,8 @@ def tokenize_shards(source_folder, out_folder, student: str, max_length=None, wo
     from .encoder import Encoder
 
     source = read_index(source_folder)
+    if not is_remote(source_folder) and Path(out_folder).resolve() == Path(source_folder).resolve():
+        raise UserError(f"--out {out_folder} is the source folder: write the tokenised shards to a new folder")
     if source.meta.get("tokens"):
         log(f"{source_folder} already holds token ids ({source.meta['tokens'].get('student')}); replacing them")
     encoder = Encoder.from_pretrained(student, max_length=max_length)

@@ -42,6 +42,33 @@ def test_padded_stored_ids_are_the_tokenizer_s_batch(inputs, tmp_path):
             assert torch.equal(ours[key], theirs[key]), (encoder.tokenizer.padding_side, key)
 
 
+def test_the_fingerprint_names_the_tokenizer_not_its_last_call(inputs, tmp_path):
+    """transformers resets a tokenizer's truncation and padding state at every call: a student that has tokenised
+    (its head's least-squares fit encodes sentences) still matches the ids made by a fresh one; another max length,
+    prompt or vocabulary does not."""
+    from disco_dist.token_ids import fingerprint
+
+    _, student, teacher, _ = inputs
+    fresh = fingerprint(Encoder.from_pretrained(student, max_length=64))
+    used = Encoder.from_pretrained(student, max_length=64)
+    used.tokenize(["a sentence"])
+    used.encode(["a sentence", "another, longer sentence than that"], batch_size=1)
+    assert fingerprint(used) == fresh
+    assert fingerprint(Encoder.from_pretrained(student, max_length=32)) != fresh
+    assert fingerprint(Encoder.from_pretrained(student, max_length=64, prompt="query: ")) != fresh
+    decoder = build_tiny_decoder(tmp_path / "decoder", max_length=64)
+    assert fingerprint(Encoder.from_pretrained(decoder, max_length=64, prompt="")) != fresh
+
+
+def test_the_pass_refuses_to_write_over_its_source(inputs):
+    root, student, _, _ = inputs
+    result = run(
+        "tokenize_shards.py", "--shards", root / "shards", "--student", student, "--out", root / "shards", "--overwrite"
+    )
+    assert result.returncode == 2 and "is the source folder" in result.stderr, result.stderr[-2000:]
+    assert read_index(root / "shards").total == 300  # untouched
+
+
 def test_the_pass_keeps_every_sample_and_records_the_tokenizer(inputs, tokenized):
     root, student, _, _ = inputs
     source, made = read_index(root / "shards"), read_index(tokenized)
@@ -59,7 +86,7 @@ def test_a_run_on_tokenized_shards_trains_the_student_a_run_on_text_would(inputs
     tokenised ones; a student of another max length tokenises the text instead, and says so."""
     root, student, teacher, _ = inputs
     common = ["--student", student, "--teacher", teacher, "--batch-size", 8, "--max-steps", 12, "--log-every", 6]
-    common += ["--checkpoint-every", 0, "--queue-size", 32, "--head-init", "random", "--progress", "off"]
+    common += ["--checkpoint-every", 0, "--queue-size", 32, "--head-init-samples", 64, "--progress", "off"]
     env = {"OMP_NUM_THREADS": "1"}
     finals = []
     for name, shards in (("text", root / "shards"), ("ids", tokenized)):
