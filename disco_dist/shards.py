@@ -128,6 +128,13 @@ def _parse_index(content: bytes, folder, where) -> ShardIndex:
         raise UserError(f"{where} is not a disco-dist shard index ({err}); re-make the shards") from None
     if not shards:
         raise UserError(f"{where} lists no shards; the corpus had no usable sentences")
+    for shard in shards:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise UserError(
+                f"{where} lists a shard named {name!r}, which leaves the shard folder (a name must be a plain file "
+                "name); refused: re-make the shards or check where the index comes from"
+            )
     if sum(s["samples"] for s in shards) != total:
         raise UserError(f"{where}: shard sample counts do not add up to total={total}; the index is corrupt")
     meta = {k: v for k, v in raw.items() if k not in ("shards", "total", "teacher")}

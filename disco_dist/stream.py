@@ -10,6 +10,8 @@ hashed while they stream, with a bounded number of retries from the start of the
 A shard is small (1,000 sentences: 1 MB of tar, ~3 MB with 768-wide teacher embeddings), so it is held in memory,
 never written to disk, and its sha256 is checked before any of its samples is used. `DISCO_SHARD_RETRIES` (default
 3) sets the retries per file, `DISCO_SHARD_TIMEOUT` (default 60 s) how long a silent server is waited for.
+A server is not trusted with memory: a shard whose recorded size is over `DISCO_SHARD_MAX_BYTES` (default 4 GiB) is
+refused before it is read, and a response is read up to the size `index.json` records (or that cap) and no further.
 """
 
 import hashlib
@@ -96,6 +98,11 @@ def _env_number(name: str, default: float, cast=float, minimum: float = 0):
     return number
 
 
+def max_bytes() -> int:
+    """The largest shard (or index) read into memory: `DISCO_SHARD_MAX_BYTES`, default 4 GiB."""
+    return _env_number("DISCO_SHARD_MAX_BYTES", 1 << 32, int, minimum=1)
+
+
 def retries() -> int:
     return _env_number("DISCO_SHARD_RETRIES", 3, int)
 
@@ -105,7 +112,7 @@ def timeout() -> float:
     return _env_number("DISCO_SHARD_TIMEOUT", 60.0, minimum=0.001)
 
 
-def _read_http(url: str, digest) -> bytes:
+def _read_http(url: str, digest, limit: int) -> bytes:
     try:
         response = urllib.request.urlopen(url, timeout=timeout())
     except urllib.error.HTTPError as err:
@@ -119,12 +126,17 @@ def _read_http(url: str, digest) -> bytes:
     with response:
         declared = response.headers.get("Content-Length")
         declared = int(declared) if declared and declared.isdigit() else None
-        parts = []
+        if declared is not None and declared > limit:
+            raise TransferError(f"the server announced {declared:,} bytes, more than the {limit:,} bytes expected")
+        parts, held = [], 0
         try:
             # read(n) returns short data, not an error, when the server closes early: the length check below
-            for block in iter(lambda: response.read(CHUNK), b""):
+            while block := response.read(min(CHUNK, limit + 1 - held)):
                 digest.update(block)
                 parts.append(block)
+                held += len(block)
+                if held > limit:  # never hold more than expected: the rest is not read
+                    raise TransferError(f"the server sent more than the {limit:,} bytes expected; cut off there")
         except (OSError, ValueError, http.client.HTTPException) as err:  # reset, timeout, a cut chunked response
             raise TransferError(f"connection broken after {sum(map(len, parts))} bytes ({err!r})") from None
     data = b"".join(parts)
@@ -133,19 +145,24 @@ def _read_http(url: str, digest) -> bytes:
     return data
 
 
-def _read_pipe(command: str, digest) -> bytes:
+def _read_pipe(command: str, digest, limit: int) -> bytes:
     words = shlex.split(command)  # split as a shell would, run without one (see tests/test_safety.py)
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
         try:
             process = subprocess.Popen(words, stdout=subprocess.PIPE, stderr=stderr)
         except OSError as err:
             raise NotFound(f"cannot run {words[0] if words else 'an empty command'} ({err.strerror})") from None
-        parts, alive, stalled = [], threading.Event(), []
+        parts, alive, stalled, held = [], threading.Event(), [], 0
         threading.Thread(target=_kill_when_silent, args=(process, alive, stalled), daemon=True).start()
-        for block in iter(lambda: process.stdout.read(CHUNK), b""):
+        while block := process.stdout.read(min(CHUNK, limit + 1 - held)):
             alive.set()
             digest.update(block)
             parts.append(block)
+            held += len(block)
+            if held > limit:
+                process.kill()
+                process.wait()
+                raise TransferError(f"`{command}` printed more than the {limit:,} bytes expected; cut off there")
         process.stdout.close()
         process.wait()
         alive.set()  # the watchdog sees the process ended and returns
@@ -184,15 +201,23 @@ def fetch(location: str, size: int | None = None, log=print, error=RankError) ->
     """The whole file at `location`, hashed as it streams. A broken transfer (or fewer than `size` bytes, where
     the index records the size) is retried from the start, `retries()` times with 1, 2, 4, ... s between tries;
     then, or for a file that is not there, one line naming the location (`error`: RankError where this rank
-    alone reads the file, UserError where every rank does)."""
+    alone reads the file, UserError where every rank does). A remote file is read up to `size` (or `max_bytes()`)
+    bytes and no further; a `size` over `max_bytes()` is refused before anything is read."""
+    cap = max_bytes()
+    if size is not None and size > cap:
+        raise error(
+            f"{location} is {size:,} bytes by index.json, over DISCO_SHARD_MAX_BYTES={cap:,}: refused before "
+            "reading; raise DISCO_SHARD_MAX_BYTES if the shard is right, or make smaller shards"
+        )
+    limit = cap if size is None else size
     attempts = retries() + 1
     for attempt in range(1, attempts + 1):
         digest = hashlib.sha256()
         try:
             if location.startswith("pipe:"):
-                data = _read_pipe(location[len("pipe:") :], digest)
+                data = _read_pipe(location[len("pipe:") :], digest, limit)
             elif location.startswith(("http://", "https://")):
-                data = _read_http(location, digest)
+                data = _read_http(location, digest, limit)
             else:
                 data = _read_local(location, digest)
             if size is not None and len(data) < size and is_remote(location):  # a short local file is just bad

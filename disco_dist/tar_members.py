@@ -3,10 +3,12 @@
 Python's `tarfile` (what webdataset's reader uses) spent 85% of the stage-1 loader's time parsing headers once the
 token ids were stored in the shards (cProfile, 100,000 sentences, docs/benchmarks.md). This reader parses only what
 a shard needs: ustar names (with their prefix), sizes (octal or base-256), pax `path` records and GNU long names;
-it yields regular files only (directories, links and devices are skipped, as webdataset does), and groups them into
-samples the way webdataset does: the key is the name up to the first dot of its last component, the rest the
-field (lower-cased); consecutive files with the same key form one sample; `__...__` names are skipped.
-Nothing is written to disk, so a member's name (absolute, `..`) is only ever a dictionary key here.
+it yields regular files and skips directories, and groups the files into samples the way webdataset does: the key
+is the name up to the first dot of its last component, the rest the field (lower-cased); consecutive files with the
+same key form one sample; `__...__` names are skipped.
+A shard is data, never a file tree: a link, a device or FIFO, or a member named by an absolute path or with a `..`
+component stops the read with one line naming the shard and the member (webdataset would skip the first two and
+use the last two as keys; nothing here writes them to disk, but a shard holding them was not made by a shard writer).
 """
 
 import re
@@ -15,6 +17,13 @@ from .errors import RankError
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
+REFUSED = {
+    b"1": "a hard link",
+    b"2": "a symbolic link",
+    b"3": "a character device",
+    b"4": "a block device",
+    b"6": "a FIFO",
+}
 META = re.compile(r"__[^/]*__($|/)")
 KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -77,13 +86,16 @@ def regular_files(data: bytes, where: str):
         if kind == b"g":
             continue
         name, long_name = long_name, None
-        if kind not in REGULAR:
-            continue
         if name is None:
             name = _name(header[0:100].split(b"\0", 1)[0])
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             if prefix:
                 name = _name(prefix) + "/" + name
+        if kind in REFUSED or name.startswith("/") or ".." in name.split("/"):
+            what = REFUSED.get(kind) or ("an absolute path" if name.startswith("/") else "a '..' path")
+            raise RankError(f"{where}: member {name!r} is {what}; a shard holds files only: refused (re-make it)")
+        if kind not in REGULAR:
+            continue
         yield name, data[start:end]
 
 

@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 for the shard-streaming tests: serves a folder, and cuts the connection
-part-way through the first responses for the files it is told to (as a flaky network or a restarted proxy does).
+part-way through the first responses for the files it is told to (as a flaky network or a restarted proxy does),
+or sends more than the file for those in `pad` (a server that lies: N more bytes, announced or chunked).
 
-    with ShardServer(folder, cut={"shard-000002.tar": 1}) as server:
+    with ShardServer(folder, cut={"shard-000002.tar": 1}, pad={"shard-000004.tar": 4096}) as server:
         server.url      # http://127.0.0.1:PORT
         server.gets     # {"shard-000002.tar": 2, ...} requests per file
 """
@@ -22,6 +23,23 @@ class _Handler(SimpleHTTPRequestHandler):
             if cut:
                 self.server.cut[name] -= 1
         file = Path(self.directory) / self.path.split("?")[0].lstrip("/")
+        pad = self.server.pad.get(name, 0)
+        if pad and file.is_file():
+            data = file.read_bytes() + b"\0" * pad
+            self.send_response(200)
+            try:  # the reader hangs up once it has what the index records
+                if self.server.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+            return None
         if not cut or not file.is_file():
             return super().do_GET()
         data = file.read_bytes()
@@ -44,10 +62,10 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class ShardServer:
-    def __init__(self, folder, cut: dict | None = None, chunked: bool = False):
+    def __init__(self, folder, cut: dict | None = None, chunked: bool = False, pad: dict | None = None):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
         self.server.gets, self.server.cut, self.server.lock = Counter(), dict(cut or {}), threading.Lock()
-        self.server.chunked = chunked
+        self.server.chunked, self.server.pad = chunked, dict(pad or {})
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -100,6 +100,69 @@ def test_a_connection_cut_every_time_ends_in_one_line_naming_the_shard(shards):
         assert server.gets["shard-000005.tar"] == 3
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["announced", "chunked"])
+def test_a_server_that_sends_more_than_the_index_records_is_cut_off_and_named(shards, monkeypatch, chunked):
+    """Memory stays bounded by the size index.json records: a longer response (announced or not) is read no further
+    than that, retried as a broken transfer, then reported in one line naming the shard."""
+    from types import SimpleNamespace
+
+    import disco_dist.stream as stream
+
+    held = []
+    monkeypatch.setattr(stream, "CHUNK", 4096)  # so a response's blocks show how far it was read
+    real = stream.hashlib.sha256
+
+    class Counting:
+        def __init__(self):
+            self.inner, self.bytes = real(), 0
+            held.append(self)
+
+        def update(self, block):
+            self.bytes += len(block)
+            self.inner.update(block)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(stream, "hashlib", SimpleNamespace(sha256=Counting))  # stream's hashing only
+    with ShardServer(shards.parent, pad={"shard-000004.tar": 1 << 20}, chunked=chunked) as server:
+        index = read_index(f"{server.url}/shards")
+        size = index.shards[4]["bytes"]
+        held.clear()
+        with pytest.raises(RankError) as caught:
+            list(iter_shard_samples(index, numbers=[4]))
+        assert server.gets["shard-000004.tar"] == 3  # retried, as a cut transfer is
+    message = str(caught.value)
+    assert "shard-000004.tar in 3 tries" in message and f"than the {size:,} bytes expected" in message, message
+    assert "\n" not in message and all(h.bytes <= size + 1 for h in held), [h.bytes for h in held]
+
+
+def test_a_shard_over_the_size_cap_is_refused_before_it_is_read(shards, monkeypatch):
+    with ShardServer(shards.parent) as server:
+        index = read_index(f"{server.url}/shards")
+        monkeypatch.setenv("DISCO_SHARD_MAX_BYTES", str(index.shards[0]["bytes"] - 1))
+        with pytest.raises(
+            RankError, match=r"shard-000000.tar is [\d,]+ bytes by index.json, over DISCO_SHARD_MAX_BYTES"
+        ):
+            list(iter_shard_samples(index, numbers=[0]))
+        assert server.gets["shard-000000.tar"] == 0
+
+
+@pytest.mark.parametrize("name", ["../shards/shard-000000.tar", "http://elsewhere.example/x.tar", "..", "a/b.tar"])
+def test_an_index_whose_shard_names_leave_its_folder_is_refused(shards, tmp_path, name):
+    import json
+
+    folder = tmp_path / "lying"
+    shutil.copytree(shards, folder)
+    raw = json.loads((folder / "index.json").read_text())
+    raw["shards"][0]["name"] = name
+    (folder / "index.json").write_text(json.dumps(raw))
+    with ShardServer(tmp_path) as server:
+        for where in (folder, f"{server.url}/lying"):
+            with pytest.raises(UserError, match="which leaves the shard folder"):
+                read_index(where)
+
+
 def test_a_missing_index_or_dead_server_is_one_line(shards, tmp_path):
     with ShardServer(shards.parent) as server:
         with pytest.raises(UserError, match=r"could not read http://.*/nothing/index.json: HTTP 404"):

@@ -44,7 +44,7 @@ def test_a_shard_written_here_reads_the_same_as_with_webdataset(tmp_path):
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
-def test_long_names_prefixes_links_folders_and_metadata_read_as_webdataset_reads_them(tar_format):
+def test_long_names_prefixes_folders_and_metadata_read_as_webdataset_reads_them(tar_format):
     deep = "a" * 60 + "/" + "b" * 60  # over 100 characters: a pax record, a GNU long name or a ustar prefix
     members = [
         ("__meta__/k0.txt", b"{}", tarfile.REGTYPE),  # a webdataset metadata folder: skipped
@@ -52,7 +52,6 @@ def test_long_names_prefixes_links_folders_and_metadata_read_as_webdataset_reads
         (f"{deep}/k1.txt", b"one", tarfile.REGTYPE),
         (f"{deep}/k1.Teacher.F16", b"\x00\x3c", tarfile.REGTYPE),
         ("k2.txt", b"two", tarfile.REGTYPE),
-        ("k2.link", b"", tarfile.SYMTYPE),
         ("k3.txt", b"x" * 1500, tarfile.REGTYPE),  # over several blocks
         ("noextension", b"skipped by both", tarfile.REGTYPE),
     ]
@@ -60,6 +59,25 @@ def test_long_names_prefixes_links_folders_and_metadata_read_as_webdataset_reads
     ours = list(tar_samples(data, "t.tar"))
     assert ours == webdataset_samples(data)
     assert [s["__key__"] for s in ours] == [f"{deep}/k1", "k2", "k3"] and "teacher.f16" in ours[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "what"),
+    [
+        ("k.link", tarfile.SYMTYPE, "a symbolic link"),
+        ("k.hard", tarfile.LNKTYPE, "a hard link"),
+        ("k.dev", tarfile.CHRTYPE, "a character device"),
+        ("k.fifo", tarfile.FIFOTYPE, "a FIFO"),
+        ("/etc/k.txt", tarfile.REGTYPE, "an absolute path"),
+        ("../k.txt", tarfile.REGTYPE, "a '..' path"),
+        ("a/../../k.txt", tarfile.REGTYPE, "a '..' path"),
+    ],
+)
+def test_a_shard_holding_a_link_a_device_or_a_path_out_is_refused_naming_shard_and_member(name, kind, what):
+    data = archive(tarfile.PAX_FORMAT, [("k0.txt", b"fine", tarfile.REGTYPE), (name, b"x", kind)])
+    with pytest.raises(RankError) as refused:
+        list(tar_samples(data, "shard-000007.tar"))
+    assert str(refused.value).startswith(f"shard-000007.tar: member {name!r} is {what}"), str(refused.value)
 
 
 def test_a_truncated_shard_stops_with_one_line_naming_it():
