@@ -16,6 +16,7 @@ from .errors import UserError
 from .files import write_json_atomic
 from .flops import mfu
 from .progress import Progress
+from .resilience import InjectedFaults
 from .shards import (
     INDEX,
     ShardFile,
@@ -94,6 +95,7 @@ def cache_teacher_embeddings(
     busiest = busiest_forwards(teacher, source, groups, token_budget, lambda group: read(group)[1])
     mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
+    pause = InjectedFaults().cache_pause
     for group in groups[env.rank]:
         # sentences of several shards are length-sorted together: less padding than shard by shard
         samples, texts = read(group)
@@ -108,6 +110,7 @@ def cache_teacher_embeddings(
                     shard.write(key, text, embedding, ids)
                 shard.close()
             first += len(shard_samples)
+        time.sleep(pause)
     progress.close()
     for _ in range(busiest - (teacher.forwards - forwards_before)):  # keep step with the others' gathers
         teacher.padding_forward()

@@ -17,6 +17,7 @@ import torch
 
 from . import distributed
 from .errors import RankError, UserError
+from .resilience import lost_peer_error
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 ENGINE_TAG = "engine"
@@ -40,6 +41,11 @@ def complete_checkpoints(run_dir) -> list:
 def latest_checkpoint(run_dir) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_hint(run_dir) -> str:
+    """What a training run that stops on a lost peer keeps, and how to go on (the end of its one line)."""
+    return f"the last complete checkpoint is {latest_checkpoint(run_dir) or 'none yet'}; rerun with --resume auto"
 
 
 def rng_state() -> dict:
@@ -79,9 +85,7 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             torch.save(extra, partial / "extra.pt")
             (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        from .resilience import lost_peer_error
-
-        lost = lost_peer_error(err, run_dir) if isinstance(err, RuntimeError) else None
+        lost = lost_peer_error(err, resume_hint(run_dir)) if isinstance(err, RuntimeError) else None
         if lost is not None:  # a collective of the engine's save failed: a peer is gone, not the disk
             raise lost from None
         # this rank stops here; the launcher (deepspeed, or srun --kill-on-bad-exit) ends the others

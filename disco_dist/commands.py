@@ -48,6 +48,8 @@ def cache_teacher(args) -> Path:
     from .cache import cache_teacher_embeddings, resolve_token_budget
     from .ds_config import load_ds_config
     from .errors import UserError
+    from .peer_watch import PeerWatch
+    from .resilience import lost_peer_error
     from .shards import read_index
     from .teacher import ZeroTeacher
 
@@ -58,24 +60,37 @@ def cache_teacher(args) -> Path:
     read_index(args.shards)  # a bad folder or config fails here, before any rank loads the teacher
     load_ds_config(args.teacher_ds_config)
     env = distributed.init_distributed(args.local_rank)
-    teacher = ZeroTeacher.from_args(args, env.device)
-    budget = resolve_token_budget(
-        args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
-    )
-    cache_teacher_embeddings(
-        teacher,
-        args.shards,
-        args.out,
-        env,
-        overwrite=args.overwrite,
-        group_sentences=args.sort_group,
-        token_budget=budget,
-    )
+
+    def hint() -> str:
+        return f"the shards finished so far in {args.out} are kept; rerun the same command to continue"
+
+    watch = PeerWatch(env, hint)  # a silent peer ends the pass within DISCO_PEER_TIMEOUT, not the 600 s time-out
+    try:
+        teacher = ZeroTeacher.from_args(args, env.device)
+        budget = resolve_token_budget(
+            args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
+        )
+        cache_teacher_embeddings(
+            teacher,
+            args.shards,
+            args.out,
+            env,
+            overwrite=args.overwrite,
+            group_sentences=args.sort_group,
+            token_budget=budget,
+        )
+    except RuntimeError as err:
+        lost = lost_peer_error(err, hint())
+        if lost is None:
+            raise
+        raise lost from None
+    watch.stop()
     return args.out
 
 
 def train_stage(args, stage: str) -> str:
     """`train` for one stage; a lost peer becomes one line, a pre-emption a requeue (and an exit)."""
+    from .checkpoint import resume_hint
     from .resilience import Preempted, lost_peer_error, requeue_after
     from .stages import STAGES
     from .train import train
@@ -83,7 +98,7 @@ def train_stage(args, stage: str) -> str:
     try:
         return str(train(args, STAGES[stage]))
     except RuntimeError as err:
-        lost = lost_peer_error(err, args.run_dir)
+        lost = lost_peer_error(err, resume_hint(args.run_dir))
         if lost is None:
             raise
         raise lost from None

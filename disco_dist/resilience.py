@@ -6,25 +6,20 @@ folder, and the faults the reliability tests inject (docs/reliability.md lists e
 - NaN/inf: every rank skips the update of a step whose loss is not finite on any rank, decided on the device
   (`nonfinite_anywhere`, `skip_update_if`); the loop reads the verdict a step later, without waiting.
 - A lost peer: a collective that fails because another rank died becomes one line (`lost_peer_error`); a peer
-  that went silent (its node's network down, the node frozen) is noticed by heartbeats (`PeerWatch`) within
-  `DISCO_PEER_TIMEOUT` seconds (default 20), not by the collective's own 600 s time-out.
+  that went silent (its node's network down, the node frozen) is noticed by heartbeats (`peer_watch.py`).
 """
 
-import datetime
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from . import distributed
-from .checkpoint import latest_checkpoint
 from .errors import RankError, UserError, exit_now
 
 EXIT_PREEMPTED = 3
@@ -115,17 +110,16 @@ def lost_a_peer(err: RuntimeError) -> bool:
     )
 
 
-def lost_peer_error(err: RuntimeError, run_dir) -> RankError | None:
-    """The one line for a run whose peer is gone (None when `err` is something else)."""
+def lost_peer_error(err: RuntimeError, hint: str) -> RankError | None:
+    """The one line for a run whose peer is gone, ending with `hint`: what is kept and how to go on (None when `err`
+    is something else)."""
     if not lost_a_peer(err):
         return None
-    latest = latest_checkpoint(run_dir)
-    reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])[:120]  # without gloo's source location
+    reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])  # whole, without gloo's source location
     peer = _peer_named_in(str(err))
     return RankError(
         f"lost contact with another rank{f', {peer},' if peer else ''} ({reason}): it died or was killed, see its "
-        f"log; the last "
-        f"complete checkpoint is {latest or 'none yet'}; rerun with --resume auto"
+        f"log; {hint}"
     )
 
 
@@ -146,81 +140,6 @@ def _peer_named_in(text: str) -> str | None:
         return None
     host = distributed.HOSTS[ranks[0]]
     return f"rank {ranks[0]} on {host}" if len(ranks) == 1 else f"a rank on {host}"
-
-
-class PeerWatch:
-    """Heartbeats through the rendezvous store, so that a rank whose node went silent (network down, frozen) ends
-    the run within `patience` seconds with one line naming it, instead of at the collective's time-out.
-
-    Every `interval` s each rank bumps its counter in the store and reads the others'; a rank whose counter has not
-    moved for `patience` s is lost (and a rank that cannot reach the store, rank 0's, has lost rank 0). A rank that
-    finished marks itself done first. The beating runs in one thread and the judging in another, so that a store
-    call stuck on a dead link cannot hide the loss. Nothing happens with one rank."""
-
-    def __init__(self, env, run_dir: Path, interval: float = 2.0, patience: float | None = None):
-        self.rank, self.world, self.run_dir, self.interval = env.rank, env.world_size, Path(run_dir), interval
-        self.patience = patience or float(os.environ.get("DISCO_PEER_TIMEOUT", "20"))
-        self.last_ok = time.monotonic()
-        self.seen = {r: (0, time.monotonic()) for r in range(self.world) if r != self.rank}
-        self.lost = None
-        self.stopped = threading.Event()
-        self.store = None
-        if self.world > 1:
-            self.store = torch.distributed.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
-                is_master=False,
-                timeout=datetime.timedelta(seconds=self.patience),
-                wait_for_workers=False,
-            )
-            threading.Thread(target=self._beat, daemon=True).start()
-            threading.Thread(target=self._judge, daemon=True).start()
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.store.add(f"disco/beat/{self.rank}", 1)
-                now = time.monotonic()
-                for r, (count, _since) in self.seen.items():
-                    if self.store.add(f"disco/done/{r}", 0):
-                        self.seen[r] = (count, now + 1e9)  # finished: never lost
-                        continue
-                    latest = self.store.add(f"disco/beat/{r}", 0)
-                    if latest != count:
-                        self.seen[r] = (latest, now)
-                self.last_ok = now
-            except Exception:  # the store (rank 0's process) does not answer: the judge will see it
-                pass
-
-    def _judge(self) -> None:
-        while not self.stopped.wait(self.interval):
-            now = time.monotonic()
-            silent = [r for r, (_, since) in self.seen.items() if now - since > self.patience]
-            if now - self.last_ok > self.patience:
-                silent = silent or [0]  # no answer from the store, which rank 0 holds
-            if silent and not self.stopped.is_set():
-                self._give_up(silent[0], now - (self.last_ok if silent == [0] else self.seen[silent[0]][1]))
-
-    def _give_up(self, rank: int, seconds: float) -> None:
-        host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
-        latest = latest_checkpoint(self.run_dir)
-        print(
-            f"error: rank {self.rank}: lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, "
-            f"froze or lost its network); the last complete checkpoint is {latest or 'none yet'}; rerun with "
-            "--resume auto once the node is back",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(2)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
-
-    def stop(self) -> None:
-        """This rank is done (finished or leaving on purpose): the others stop watching it."""
-        if self.store is not None and not self.stopped.is_set():
-            self.stopped.set()
-            try:
-                self.store.add(f"disco/done/{self.rank}", 1)
-            except Exception:
-                pass
 
 
 def check_writable(run_dir: Path) -> None:
@@ -280,9 +199,12 @@ class InjectedFaults:
     """Faults the reliability tests inject, read from the environment once:
     DISCO_INJECT_NAN_AT_BATCHES=3,4 makes the loss of those batches (numbered within the epoch) NaN;
     DISCO_KILL_RANK_AT_STEP=1:7 makes rank 1 SIGKILL itself in the middle of step 7 (after the forward,
-    before the backward), first writing the time to <run-dir>/killed-at."""
+    before the backward), first writing the time to <run-dir>/killed-at;
+    DISCO_CACHE_GROUP_PAUSE=S makes the cache pass wait S seconds after each group of shards it wrote, so that a
+    test can lose a node between two groups."""
 
     def __init__(self):
+        self.cache_pause = float(os.environ.get("DISCO_CACHE_GROUP_PAUSE", "0"))
         self.nan_batches = set(filter(None, os.environ.get("DISCO_INJECT_NAN_AT_BATCHES", "").split(",")))
         rank_step = os.environ.get("DISCO_KILL_RANK_AT_STEP")
         self.kill = tuple(int(x) for x in rank_step.split(":")) if rank_step else None

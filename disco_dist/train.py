@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume, resume_hint, save_checkpoint
 from .config import to_json
 from .ds_config import load_ds_config
 from .errors import UserError
@@ -27,10 +27,10 @@ from .files import write_json_atomic
 from .metrics import Metrics, SampleLog, Stopwatch
 from .model_card import write_model_card
 from .optim import build_optimizer
+from .peer_watch import PeerWatch
 from .precision import Precision, resolve_precision
 from .resilience import (
     InjectedFaults,
-    PeerWatch,
     Preempted,
     PreemptionSignal,
     Verdict,
@@ -89,7 +89,7 @@ def train(args, stage_class) -> Path:
     run_dir = Path(args.run_dir)
     check_writable(run_dir)
     env = distributed.init_distributed(args.local_rank)
-    watch = PeerWatch(env, run_dir)
+    watch = PeerWatch(env, lambda: resume_hint(run_dir))
     checkpoint = resolve_resume(args.resume, run_dir)
     precision = run_precision(args, env, run_dir, resuming=checkpoint is not None)
     args.precision = precision.name  # what the stage's student and teacher compute in

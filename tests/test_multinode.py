@@ -262,37 +262,10 @@ def job_history(job, env, within: float) -> list:
         time.sleep(1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["crashed", "silent"])
-def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_if_uninterrupted(
-    how, cluster, tiny, uninterrupted, tmp_path
-):
-    """Node disco-n2 lost mid-run, the two ways a node is lost: crashed (every process of the node killed) or
-    silent (its link taken down: nothing answers). The running job ends within 60 s with one line naming the lost
-    rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue); once the node is
-    back, the same job resumes there and ends with the uninterrupted run's weights (1e-5), every batch trained
-    exactly once (sample logs)."""
-    from disco_dist.metrics import read_sample_logs
-
-    root, student, teacher, _ = tiny
-    run = tmp_path / "run"
-    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
-    # heartbeats give up after 8 s here: the test cluster's SlurmdTimeout is 10 s (a real one's default is 300 s,
-    # against DISCO_PEER_TIMEOUT's default of 20 s)
-    env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
-    cmd = ["sbatch", "--parsable", *PLACEMENTS["two-nodes"], "--output", str(tmp_path / "job.log")]
-    job = (
-        subprocess.run(
-            [*cmd, str(REPO / "slurm" / "ckd.sbatch"), *LOSS_ARGS], capture_output=True, text=True, env=env, cwd=REPO
-        )
-        .stdout.strip()
-        .split(";")[0]
-    )
-    log = run / f"slurm-{job}.log"
-    deadline = time.time() + 240
-    while not (log.exists() and "step 12/" in log.read_text()):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
-        time.sleep(0.2)
+def lose_node_n2(how: str, job: str, log: Path, cluster: dict) -> tuple:
+    """Lose node disco-n2 while `job` runs, crashed (every process of the node killed) or silent (its link taken
+    down), wait for the job to leave RUNNING, then bring the node back. (time lost, seconds to the job's end, its
+    log then)."""
     lost_at = time.time()
     try:
         if how == "crashed":
@@ -311,6 +284,42 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
         )
         subprocess.run(["scontrol", "update", "nodename=disco-n2", "state=resume"], env=cluster, capture_output=True)
     assert back.returncode == 0, f"the node's restart failed: {back.stderr}"
+    return lost_at, ended_after, lost
+
+
+def submit(script: str, env: dict, log: Path, *args) -> str:
+    """sbatch `script` on two nodes without waiting; the job id."""
+    cmd = ["sbatch", "--parsable", *PLACEMENTS["two-nodes"], "--output", str(log), str(REPO / "slurm" / script)]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["crashed", "silent"])
+def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_if_uninterrupted(
+    how, cluster, tiny, uninterrupted, tmp_path
+):
+    """Node disco-n2 lost mid-run, the two ways a node is lost: crashed (every process of the node killed) or
+    silent (its link taken down: nothing answers). The running job ends within 60 s with one line naming the lost
+    rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue); once the node is
+    back, the same job resumes there and ends with the uninterrupted run's weights (1e-5), every batch trained
+    exactly once (sample logs)."""
+    from disco_dist.metrics import read_sample_logs
+
+    root, student, teacher, _ = tiny
+    run = tmp_path / "run"
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    # heartbeats give up after 8 s here: the test cluster's SlurmdTimeout is 10 s (a real one's default is 300 s,
+    # against DISCO_PEER_TIMEOUT's default of 20 s)
+    env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
+    job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
+    log = run / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 12/" in log.read_text()):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
+        time.sleep(0.2)
+    lost_at, ended_after, lost = lose_node_n2(how, job, log, cluster)
     print(f"{how}: the run ended {ended_after:.1f} s after the node was lost")
     assert ended_after < 60, lost[-3000:]
     lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
@@ -325,3 +334,56 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
     assert_same_weights(final_weights(run / "ckd"), final_weights(uninterrupted))
     assert read_sample_logs(run / "ckd") == read_sample_logs(uninterrupted)
+
+
+CACHE_ARGS = ["--sort-group", "50"]  # a group is one shard of 50 sentences: 4 groups a rank
+
+
+@pytest.fixture(scope="module")
+def whole_cache(cluster, tiny, tmp_path_factory):
+    root, _student, teacher, _ = tiny
+    out = tmp_path_factory.mktemp("whole-cache") / "shards-teacher"
+    env = {**cluster, "SHARDS": str(root / "shards"), "TEACHER": str(teacher), "OUT": str(out)}
+    sbatch("cache_teacher.sbatch", PLACEMENTS["two-nodes"], env, out.parent / "job.log", *CACHE_ARGS)
+    return out
+
+
+def shard_bytes(folder: Path) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("shard-*.tar"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["crashed", "silent"])
+def test_a_node_lost_mid_cache_pass_ends_it_fast_and_the_requeued_pass_continues_to_the_same_shards(
+    how, cluster, tiny, whole_cache, tmp_path
+):
+    """The teacher-cache pass, the job that costs the most GPU hours, watched as training is: disco-n2 lost
+    (crashed or silent) between two groups of shards ends the pass within 60 s with one line naming rank 1 on
+    disco-n2 and what is kept; SLURM requeues the job, which keeps the finished shards, embeds the rest, and ends
+    with shards byte-identical to an uninterrupted pass's."""
+    root, _student, teacher, _ = tiny
+    out = tmp_path / "shards-teacher"
+    env = {**cluster, "SHARDS": str(root / "shards"), "TEACHER": str(teacher), "OUT": str(out)}
+    env.update(DISCO_PEER_TIMEOUT="8", DISCO_CACHE_GROUP_PAUSE="3")
+    job = submit("cache_teacher.sbatch", env, tmp_path / "job.log", *CACHE_ARGS)
+    log = tmp_path / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while len(shard_bytes(out)) < 2:  # each rank's first group written
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
+        time.sleep(0.2)
+    lost_at, ended_after, lost = lose_node_n2(how, job, log, cluster)
+    print(f"{how}: the cache pass ended {ended_after:.1f} s after the node was lost")
+    assert ended_after < 60, lost[-3000:]
+    lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
+    assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
+    assert f"the shards finished so far in {out} are kept; rerun the same command to continue" in lines[0], lines[0]
+    kept = len(shard_bytes(out))
+    assert 2 <= kept < 8, lost[-3000:]
+    while job_state(job, cluster):  # requeued by SLURM (pending); it runs again once disco-n2 is back
+        assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
+        time.sleep(1)
+    states = job_history(job, cluster, within=60)
+    text = log.read_text()
+    assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
+    assert f"continuing {out}: " in text, text[-3000:]
+    assert shard_bytes(out) == shard_bytes(whole_cache)
