@@ -85,7 +85,7 @@ def save_checkpoint(engine, run_dir, step: int, trainer_state: dict, extra: dict
             torch.save(extra, partial / "extra.pt")
             (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        lost = lost_peer_error(err, resume_hint(run_dir)) if isinstance(err, RuntimeError) else None
+        lost = lost_peer_error(err, lambda: resume_hint(run_dir)) if isinstance(err, RuntimeError) else None
         if lost is not None:  # a collective of the engine's save failed: a peer is gone, not the disk
             raise lost from None
         # this rank stops here; the launcher (deepspeed, or srun --kill-on-bad-exit) ends the others

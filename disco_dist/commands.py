@@ -49,7 +49,7 @@ def cache_teacher(args) -> Path:
     from .ds_config import load_ds_config
     from .errors import UserError
     from .peer_watch import PeerWatch
-    from .resilience import lost_peer_error
+    from .resilience import lost_peer_as_one_line
     from .shards import read_index
     from .teacher import ZeroTeacher
 
@@ -62,10 +62,11 @@ def cache_teacher(args) -> Path:
     env = distributed.init_distributed(args.local_rank)
 
     def hint() -> str:
-        return f"the shards finished so far in {args.out} are kept; rerun the same command to continue"
+        again = "the same command" + (" without --overwrite" if args.overwrite else "")
+        return f"the shards finished so far in {args.out} are kept; rerun {again} to continue"
 
-    watch = PeerWatch(env, hint)  # a silent peer ends the pass within DISCO_PEER_TIMEOUT, not the 600 s time-out
-    try:
+    with lost_peer_as_one_line(hint):
+        watch = PeerWatch(env, hint)  # a silent peer ends the pass within DISCO_PEER_TIMEOUT, not the 600 s time-out
         teacher = ZeroTeacher.from_args(args, env.device)
         budget = resolve_token_budget(
             args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
@@ -79,11 +80,7 @@ def cache_teacher(args) -> Path:
             group_sentences=args.sort_group,
             token_budget=budget,
         )
-    except RuntimeError as err:
-        lost = lost_peer_error(err, hint())
-        if lost is None:
-            raise
-        raise lost from None
+        distributed.shutdown()  # watched until every rank is through the last barrier (rank 0 writes the index)
     watch.stop()
     return args.out
 
@@ -91,17 +88,13 @@ def cache_teacher(args) -> Path:
 def train_stage(args, stage: str) -> str:
     """`train` for one stage; a lost peer becomes one line, a pre-emption a requeue (and an exit)."""
     from .checkpoint import resume_hint
-    from .resilience import Preempted, lost_peer_error, requeue_after
+    from .resilience import Preempted, lost_peer_as_one_line, requeue_after
     from .stages import STAGES
     from .train import train
 
     try:
-        return str(train(args, STAGES[stage]))
-    except RuntimeError as err:
-        lost = lost_peer_error(err, resume_hint(args.run_dir))
-        if lost is None:
-            raise
-        raise lost from None
+        with lost_peer_as_one_line(lambda: resume_hint(args.run_dir)):
+            return str(train(args, STAGES[stage]))
     except Preempted as stop:
         requeue_after(stop)
 

@@ -1,15 +1,17 @@
-"""Heartbeats through the rendezvous store: a rank whose node went silent (network down, frozen) ends the run within
-`DISCO_PEER_TIMEOUT` seconds (default 20) with one line naming it, not at the collective's own 600 s time-out.
+"""Heartbeats through the rendezvous store: a rank whose node went silent (network down, frozen) ends the run a few
+beats after `DISCO_PEER_TIMEOUT` seconds (default 20) with one line naming it, not at the collective's own 600 s
+time-out.
 
 Each rank watches one other: the next rank round the ring that has not finished. Every `interval` seconds a rank
-adds 1 to its own counter, reads its neighbour's, and looks whether a loss has been published: three store calls
-a rank, 3W against rank 0's store a beat (every rank reading every other's counter, as before, was 2W^2 - W: about
+adds 1 to its own counter, reads its neighbour's, and looks whether a loss has been published: three store calls a
+rank, 3W against rank 0's store a beat (every rank reading every other's counter, as before, was 2W^2 - W: about
 524,000 calls every 2 s at 512 ranks). A neighbour whose counter has not moved for `patience` seconds is lost; its
-watcher publishes the loss (`disco/lost`), and every rank ends with the same line naming the lost rank and its
-host. A ring always has a live rank watching a silent one, however many ranks a node held. A rank that cannot reach
-the store (rank 0's process holds it) has lost rank 0. A rank that finished marks its counter done, and its watcher
-moves on to the next rank, so a slow final save is never taken for a loss. `python -m disco_dist.peer_watch_load`
-measures the store's load and the detection time at many ranks.
+watcher publishes the loss (`disco/lost`; the first published wins), and every rank leaves at the moment the record
+sets, two and a half beats on, with the same line naming the lost rank and its host (one leaving first would end the
+others' collectives, and they would name it instead). A ring always has a live rank watching a silent one, however
+many ranks a node held. A rank that cannot reach the store (rank 0's process holds it) has lost rank 0. A rank that
+finished marks its counter done, and its watcher moves on to the next rank, so a slow final save is never taken for
+a loss. `python -m disco_dist.peer_watch_load` measures the store's load and the detection time at many ranks.
 """
 
 import datetime
@@ -50,8 +52,9 @@ class PeerWatch:
         self.patience = patience or float(os.environ.get("DISCO_PEER_TIMEOUT", "20"))
         self.on_lost = on_lost or self._exit
         self.last_ok = time.monotonic()
-        self.watching = (self._after(self.rank), 0, time.monotonic())  # (rank or None, its counter, unchanged since)
-        self.published = None  # (rank, seconds) of a loss another rank found
+        # (rank or None, its counter, unchanged since): the first neighbour gets one patience more to connect
+        self.watching = (self._after(self.rank), 0, time.monotonic() + self.patience)
+        self.published = None  # (rank, seconds, leave at): the loss the first watcher to find one published
         self.stopped = threading.Event()
         self.store = None
         if self.world > 1:
@@ -73,9 +76,8 @@ class PeerWatch:
         while not self.stopped.wait(self.interval):
             try:
                 self.store.add(beat_key(self.rank), 1)
-                if self.store.check([LOST_KEY]):
-                    rank, seconds = self.store.get(LOST_KEY).decode().split()
-                    self.published = (int(rank), float(seconds))
+                if self.published is None and self.store.check([LOST_KEY]):
+                    self.published = _parse(self.store.get(LOST_KEY))
                 target, count, since = self.watching
                 now = time.monotonic()
                 while target is not None:
@@ -87,43 +89,52 @@ class PeerWatch:
                     target, count, since = self._after(target), 0, now  # finished: watch the next one
                 self.watching = (target, count, since)
                 self.last_ok = now
-            except Exception:  # the store (rank 0's process) does not answer: the judge will see it
+            except (RuntimeError, OSError):  # the store (rank 0's process) does not answer: the judge will see it
                 pass
 
     def _judge(self) -> None:
-        while not self.stopped.wait(self.interval):
+        while not self.stopped.wait(self.interval / 4):
             now = time.monotonic()
-            target, _count, since = self.watching
-            if self.published is not None:
+            target, count, since = self.watching
+            if self.published is None and now - self.last_ok > self.patience:
+                lost = (0, now - self.last_ok, time.time())  # no answer from the store, which rank 0 holds
+            elif self.published is None and target is not None and self.last_ok - since > self.patience:
+                # silent as seen by this rank's own reads that succeeded: a rank that cannot read blames no neighbour
+                lost = self._publish(target, count, self.last_ok - since)
+                if lost is None:  # it beat after all, or finished, or the store stopped answering
+                    continue
+            elif self.published is not None:
                 lost = self.published
-            elif now - self.last_ok > self.patience:
-                lost = (0, now - self.last_ok)  # no answer from the store, which rank 0 holds
-            elif target is not None and now - since > self.patience:
-                lost = (target, now - since)
-                self._publish(*lost)
             else:
                 continue
-            if not self.stopped.is_set():
-                self.on_lost(*lost)
+            rank, seconds, leave_at = lost
+            # every rank leaves at the same moment: one leaving first would end the others' collectives, and they
+            # would name it instead of the lost rank
+            if not self.stopped.wait(min(3 * self.interval, max(0.0, leave_at - time.time()))):
+                self.on_lost(rank, seconds)
             return
 
-    def _publish(self, rank: int, seconds: float) -> None:
-        """Tell every rank, and give them a beat and more to read it before this one leaves (its leaving would
-        otherwise end their collectives first, naming this rank instead)."""
+    def _publish(self, target: int, count: int, seconds: float) -> tuple | None:
+        """Tell every rank that `target` is lost (the first loss published wins), unless it beat or finished after
+        all; all leave once each had two beats to read it (at once when no other rank is left to read it)."""
         try:
-            self.store.set(LOST_KEY, f"{rank} {seconds:.0f}")
-        except Exception:
-            return
-        self.stopped.wait(2 * self.interval)
+            if self.store.add(beat_key(target), 0) != count:
+                self.watching = (target, count, self.last_ok - self.patience / 2)  # the beat thread catches up
+                return None
+            others = self.world > 2
+            record = f"{target} {seconds:.0f} {time.time() + (2.5 * self.interval if others else 0):.3f}"
+            return _parse(self.store.compare_set(LOST_KEY, "", record))
+        except (RuntimeError, OSError):  # the store stopped answering: the next look decides
+            return None
 
     def _exit(self, rank: int, seconds: float) -> None:
-        host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
-        print(
-            f"error: rank {self.rank}: lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, "
-            f"froze or lost its network); {self.hint()} once the node is back",
-            file=sys.stderr,
-            flush=True,
-        )
+        if rank == self.rank:
+            what = f"the other ranks had no heartbeat from this rank for {seconds:.0f} s (its node or network stalled)"
+        else:
+            host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
+            what = f"lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, froze or lost "
+            what += "its network)"
+        print(f"error: rank {self.rank}: {what}; {self.hint()} once the node is back", file=sys.stderr, flush=True)
         os._exit(2)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
 
     def stop(self) -> None:
@@ -134,3 +145,8 @@ class PeerWatch:
                 self.store.add(beat_key(self.rank), DONE)
             except Exception:
                 pass
+
+
+def _parse(record: bytes) -> tuple:
+    rank, seconds, leave_at = record.decode().split()
+    return int(rank), float(seconds), float(leave_at)

@@ -60,8 +60,22 @@ class CountedStore:
     def get(self, key):
         return self._call("get", key)
 
-    def set(self, key, value):
-        return self._call("set", key, value)
+    def compare_set(self, key, expected, desired):
+        return self._call("compare_set", key, expected, desired)
+
+
+def recorder(knew: dict):
+    """on_lost for rank r: knew[r] = (the rank it was told is lost, when), the first time only."""
+    lock = threading.Lock()
+
+    def for_rank(rank):
+        def record(lost, _seconds):
+            with lock:
+                knew.setdefault(rank, (lost, time.monotonic()))
+
+        return record
+
+    return for_rank
 
 
 def measure(world: int, interval: float, patience: float, steady: float) -> dict:
@@ -69,15 +83,8 @@ def measure(world: int, interval: float, patience: float, steady: float) -> dict
     master = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     with ThreadPoolExecutor(32) as pool:  # connections in parallel: their stalls overlap
         stores = list(pool.map(lambda _: CountedStore(master.port, patience), range(world)))
-    knew, lock = {}, threading.Lock()
-
-    def on_lost(rank):
-        def record(lost, _seconds):
-            with lock:
-                knew.setdefault(rank, (lost, time.monotonic()))
-
-        return record
-
+    knew = {}
+    on_lost = recorder(knew)
     watches = [
         PeerWatch(Env(r, world), str, interval, patience, store=stores[r], on_lost=on_lost(r)) for r in range(world)
     ]

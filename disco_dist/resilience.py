@@ -15,6 +15,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,17 +112,29 @@ def lost_a_peer(err: RuntimeError) -> bool:
     )
 
 
-def lost_peer_error(err: RuntimeError, hint: str) -> RankError | None:
-    """The one line for a run whose peer is gone, ending with `hint`: what is kept and how to go on (None when `err`
-    is something else)."""
+def lost_peer_error(err: RuntimeError, hint: Callable[[], str]) -> RankError | None:
+    """The one line for a run whose peer is gone, ending with `hint()`: what is kept and how to go on (None when
+    `err` is something else). A library's message goes in whole, its first line."""
     if not lost_a_peer(err):
         return None
     reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])  # whole, without gloo's source location
     peer = _peer_named_in(str(err))
     return RankError(
         f"lost contact with another rank{f', {peer},' if peer else ''} ({reason}): it died or was killed, see its "
-        f"log; {hint}"
+        f"log; {hint()}"
     )
+
+
+@contextmanager
+def lost_peer_as_one_line(hint: Callable[[], str]):
+    """Inside: a collective that fails because a peer is gone ends the command with `lost_peer_error`'s line."""
+    try:
+        yield
+    except RuntimeError as err:
+        lost = lost_peer_error(err, hint)
+        if lost is None:
+            raise
+        raise lost from None
 
 
 def _peer_named_in(text: str) -> str | None:
