@@ -80,8 +80,7 @@ def cache_teacher(args) -> Path:
             group_sentences=args.sort_group,
             token_budget=budget,
         )
-        distributed.shutdown()  # watched until every rank is through the last barrier (rank 0 writes the index)
-    watch.stop()
+        distributed.shutdown(watch.close)  # watched through the last barrier (rank 0 writes the index first)
     return args.out
 
 

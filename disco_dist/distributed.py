@@ -187,9 +187,12 @@ def import_deepspeed():
     return deepspeed
 
 
-def shutdown() -> None:
+def shutdown(through_barrier=None) -> None:
+    """Leave the process group once every rank is here; `through_barrier()` runs between the two."""
     if dist.is_initialized():
         dist.barrier()
+        if through_barrier is not None:
+            through_barrier()
         dist.destroy_process_group()
     _HOST_GROUP.clear()
 

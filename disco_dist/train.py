@@ -258,8 +258,7 @@ def train(args, stage_class) -> Path:
     if sample_log:
         sample_log.close()
     preemption.close()
-    distributed.shutdown()  # watched until every rank is through the last barrier (rank 0 saves the model first)
-    watch.stop()
+    distributed.shutdown(watch.close)  # watched until every rank is through the last barrier (rank 0 saves first)
     return final
 
 

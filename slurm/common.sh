@@ -27,7 +27,17 @@ log_to_run_dir() {
 }
 
 # run_on_tasks LAUNCHER ARGS...: run launchers/LAUNCHER on every task of the job
+# A requeued job numbers its steps from 0 again, and SLURM re-sends a step signal that could not reach a lost node
+# once the node is back (about 60 s later, to StepId=<job>.<step>): the signal with which srun ended the lost run's
+# step would end the new run's step of the same number (measured: "_rpc_signal_tasks: sending signal 991 to
+# StepId=13.0" on the returned node, 61 s after "RPC:REQUEST_SIGNAL_TASKS : Communication connection failure").
+# So run k of a job (k = SLURM_RESTART_COUNT; each run launches one step) first spends step numbers 0 .. k-1 on
+# a one-task step each, and its own step is <job>.k, a number no earlier run used.
 run_on_tasks() {
+  local spent
+  for ((spent = 0; spent < ${SLURM_RESTART_COUNT:-0}; spent++)); do
+    srun --nodes=1 --ntasks=1 --cpu-bind=none true || true  # a stale signal may end it: it has nothing to lose
+  done
   srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}"
 }
 

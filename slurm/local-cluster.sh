@@ -107,6 +107,9 @@ MessageTimeout=$message_timeout
 InactiveLimit=0
 MinJobAge=300
 KillWait=$kill_wait
+# the daemons' log level (DISCO_SLURM_DEBUG=debug shows every RPC a node gets, e.g. a signal for a job's step)
+SlurmctldDebug=${DISCO_SLURM_DEBUG:-info}
+SlurmdDebug=${DISCO_SLURM_DEBUG:-info}
 # jobs may be requeued (Submitit's preemption/timeout path); a requeued job starts again soon
 JobRequeue=1
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
