@@ -9,7 +9,7 @@ and writes the rows to JSON (rows of other devices in that file are kept).
 
 On a GPU the student trains in bf16 (autocast) with the padding-free forward (SDPA attention); the
 st_training row then records the run's peak GPU memory. st_training and teacher_encode also time the ceiling, a
-plain PyTorch loop on the same model, sentences and precision (disco_dist/ceiling.py), and record disco-dist's
+plain PyTorch loop on the same model, sentences and precision (disco_dist/bench/ceiling.py), and record disco-dist's
 rate as a fraction of it (`x_ceiling`).
 """
 
@@ -20,11 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from disco_dist.benchmark import Benchmark, Settings
-from disco_dist.benchmark_rows import TARGETS, format_table, merge_json
-from disco_dist.config import Parser
-from disco_dist.distributed import exit_process
-from disco_dist.errors import UserError, exit_on_user_error
+from disco_dist.bench.benchmark import Benchmark, Settings
+from disco_dist.bench.benchmark_rows import TARGETS, format_table, merge_json
+from disco_dist.cli.config import Parser
+from disco_dist.cluster.distributed import exit_process
+from disco_dist.core.errors import UserError, exit_on_user_error
 
 GPU_SIZES = {
     "device": "cuda",
@@ -170,4 +170,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    exit_process(0)  # results are printed and written: skip the interpreter teardown (see disco_dist.distributed)
+    exit_process(0)  # results are printed and written: skip the interpreter teardown (see cluster/distributed.py)

@@ -4,7 +4,7 @@ shards holding the sentences with their fp16 teacher embeddings; `distill.py` th
     deepspeed --num_gpus 2 launchers/cache_teacher.py --shards runs/shards --out runs/shards-mpnet
 """
 
-from disco_dist.commands import main
+from disco_dist.cli.commands import main
 
 if __name__ == "__main__":
     main("cache_teacher", description=__doc__)

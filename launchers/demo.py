@@ -24,13 +24,13 @@ import json
 import time
 from pathlib import Path
 
-from disco_dist.config import Parser
-from disco_dist.errors import UserError, exit_on_user_error
-from disco_dist.evaluate import format_table
-from disco_dist.fetch import fetch_model
-from disco_dist.files import REPO_ROOT, write_json_atomic
-from disco_dist.recipes import evaluation, flags, load_recipe
-from disco_dist.recipes import run_command_logged as run
+from disco_dist.cli.config import Parser
+from disco_dist.core.errors import UserError, exit_on_user_error
+from disco_dist.core.files import REPO_ROOT, write_json_atomic
+from disco_dist.evaluation.evaluate import format_table
+from disco_dist.models.fetch import fetch_model
+from disco_dist.report.recipes import evaluation, flags, load_recipe
+from disco_dist.report.recipes import run_command_logged as run
 
 
 def teacher_scores(cache: Path, teacher: str) -> tuple:

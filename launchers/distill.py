@@ -6,7 +6,7 @@
 On CPU, `deepspeed --num_gpus N` starts N CPU ranks (gloo, fp32); give each OMP_NUM_THREADS=1.
 """
 
-from disco_dist.commands import main
+from disco_dist.cli.commands import main
 
 if __name__ == "__main__":
     main("distill", description=__doc__)

@@ -7,9 +7,9 @@ python launchers/fetch_models.py all-MiniLM-L6-v2 --cache /data/models
 import argparse
 from pathlib import Path
 
-from disco_dist.config import Parser
-from disco_dist.errors import exit_on_user_error
-from disco_dist.fetch import DEFAULT_CACHE, MODELS, fetch_model
+from disco_dist.cli.config import Parser
+from disco_dist.core.errors import exit_on_user_error
+from disco_dist.models.fetch import DEFAULT_CACHE, MODELS, fetch_model
 
 
 @exit_on_user_error

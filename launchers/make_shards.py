@@ -6,7 +6,7 @@
 Empty and duplicate lines and undecodable bytes are dropped and counted; text is never truncated.
 """
 
-from disco_dist.commands import main
+from disco_dist.cli.commands import main
 
 if __name__ == "__main__":
     main("make_shards", description=__doc__)

@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from disco_dist.config import Parser
-from disco_dist.errors import UserError, exit_on_user_error
+from disco_dist.cli.config import Parser
+from disco_dist.core.errors import UserError, exit_on_user_error
 
 
 @exit_on_user_error
@@ -25,7 +25,7 @@ def main(argv=None):
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("plots.py needs matplotlib: pip install 'disco-dist[plots]' (or matplotlib)") from None
-    from disco_dist.figures import draw_all
+    from disco_dist.report.figures import draw_all
 
     for path in draw_all(json.loads(args.results.read_text()), args.out):
         print(f"wrote {path}")

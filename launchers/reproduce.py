@@ -18,10 +18,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from disco_dist.config import Parser
-from disco_dist.errors import UserError, exit_on_user_error
-from disco_dist.recipes import Reproduction, load_recipe
-from disco_dist.results import METHODS, merge_result_row, results_markdown
+from disco_dist.cli.config import Parser
+from disco_dist.core.errors import UserError, exit_on_user_error
+from disco_dist.report.recipes import METHODS, Reproduction, load_recipe
+from disco_dist.report.results import merge_result_row, results_markdown
 
 DEFAULT_SHARDS = Path("runs") / "wiki-100k" / "shards-mpnet"
 
@@ -63,7 +63,7 @@ def main(argv=None):
     recipe = load_recipe(args.student)
     command = "python launchers/reproduce.py " + shlex.join(argv)
     if args.method == "speed":
-        from disco_dist.measure import record_encode_speed
+        from disco_dist.bench.measure import record_encode_speed
 
         record_encode_speed(recipe, args.teacher, args.results, command)
         return

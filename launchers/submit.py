@@ -17,10 +17,10 @@ import argparse
 import shlex
 from pathlib import Path
 
-from disco_dist.config import Parser, add_data_root
-from disco_dist.errors import exit_on_user_error
-from disco_dist.pipeline import build_jobs, follow, submit
-from disco_dist.recipes import flags, load_recipe
+from disco_dist.cli.config import Parser, add_data_root
+from disco_dist.cli.pipeline import build_jobs, follow, submit
+from disco_dist.core.errors import exit_on_user_error
+from disco_dist.report.recipes import flags, load_recipe
 
 
 @exit_on_user_error

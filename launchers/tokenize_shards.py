@@ -8,7 +8,7 @@ index.json records the tokenizer (a fingerprint), the max length and the pass' r
 differently tokenises the text, and says so.
 """
 
-from disco_dist.commands import main
+from disco_dist.cli.commands import main
 
 if __name__ == "__main__":
     main("tokenize_shards", description=__doc__)

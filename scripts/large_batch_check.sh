@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 source .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false
 SENTENCES=${SENTENCES:-20000} EPOCHS=${EPOCHS:-2} RANKS=${RANKS:-2} R=${RUN:-runs/lb20k}
-DS="deepspeed --num_gpus $RANKS --master_port ${MASTER_PORT:-47119} --module --no_local_rank disco_dist.commands"
+DS="deepspeed --num_gpus $RANKS --master_port ${MASTER_PORT:-47119} --module --no_local_rank disco_dist.cli.commands"
 per_rank() { echo $(($1 / RANKS)); }
-[ -f "$R/shards/index.json" ] || python -m disco_dist.commands make_shards --out "$R/shards" --limit "$SENTENCES" \
+[ -f "$R/shards/index.json" ] || python -m disco_dist.cli.commands make_shards --out "$R/shards" --limit "$SENTENCES" \
   --shard-size 1000 --overwrite
 [ -f "$R/shards-teacher/index.json" ] || OMP_NUM_THREADS=1 $DS cache_teacher --shards "$R/shards" \
   --out "$R/shards-teacher" --teacher all-mpnet-base-v2 --teacher-replicated --teacher-token-budget 0 --overwrite
@@ -20,7 +20,7 @@ common=(--shards "$R/shards-teacher" --student all-MiniLM-L6-v2 --keep-layers 0 
 run() {  # name, global batch, lr, eval every
   [ -f "$R/$1/train_summary.json" ] || OMP_NUM_THREADS=1 $DS distill "${common[@]}" --run-dir "$R/$1" \
     --batch-size "$(per_rank "$2")" --lr "$3" --eval-every "$4" --checkpoint-every 100 --log-every "$4"
-  [ -f "$R/$1/scores.json" ] || python -m disco_dist.commands evaluate "$R/$1/final" --out "$R/$1/scores.json" \
+  [ -f "$R/$1/scores.json" ] || python -m disco_dist.cli.commands evaluate "$R/$1/final" --out "$R/$1/scores.json" \
     --label "$1" --batch-size 128
 }
 run b1024-sqrt 1024 5.66e-4 5

@@ -1,4 +1,4 @@
-"""Probe two levers on the MPNet teacher's forward (issue 21, item 4), side by side in one process.
+"""Probe two levers on the MPNet teacher's forward (measured 2026-12-02), side by side in one process.
 
     .venv/bin/python scripts/probe_teacher_forward.py --precision fp32     # prints a table of sentences/s
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mpnet import modeling_mpnet
 
-from disco_dist.data import resolve_data_root
-from disco_dist.encoder import Encoder
+from disco_dist.data.paths import resolve_data_root
+from disco_dist.models.encoder import Encoder
 
 EAGER = modeling_mpnet.MPNetSelfAttention.forward
 

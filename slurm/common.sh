@@ -1,6 +1,6 @@
 # Sourced by the batch scripts (slurm/*.sbatch): one process per task started by srun, each told
 # its rank by SLURM (RANK <- SLURM_PROCID, WORLD_SIZE <- SLURM_NTASKS, LOCAL_RANK <- SLURM_LOCALID, read
-# by disco_dist.distributed), the master address from the job's first node; disco_dist.distributed derives
+# by disco_dist.cluster.distributed), the master address from the job's first node; disco_dist.cluster.distributed derives
 # the port from the job id (set MASTER_PORT to choose it).
 # Submit from the repository root (sbatch copies the script away, so its own path says nothing), or set
 # DISCO_REPO to it.
@@ -43,5 +43,5 @@ run_on_tasks() {
 
 # recipe KEY: a value of the demo recipe (recipes/demo.json): the batch scripts' defaults come from it
 recipe() {
-  "$PYTHON" -m disco_dist.recipes demo "$1"
+  "$PYTHON" -m disco_dist.report.recipes demo "$1"
 }

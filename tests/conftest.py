@@ -65,8 +65,8 @@ PROMPT = "Instruct: find sentences that mean the same\nQuery: "
 
 
 def build_tiny_decoder(folder: Path, hidden=64, layers=2, seed=0, padding_side="left", prompt=PROMPT, max_length=24):
-    """A random Qwen3 decoder embedder as a sentence-transformers folder (see disco_dist.memory.random_decoder)."""
-    from disco_dist.memory import random_decoder
+    """A random Qwen3 decoder embedder as a sentence-transformers folder (see bench/memory.py random_decoder)."""
+    from disco_dist.bench.memory import random_decoder
 
     return random_decoder(
         folder,
@@ -94,7 +94,7 @@ PROBE_SENTENCES = [
 def build_tiny_run_inputs(root: Path, sentences: list, shard_size: int, student_layers: int = 2):
     """What a distillation run needs, tiny: a student (32 wide), a teacher (48 wide, so a projection is needed),
     a corpus file and its shards. Returns (root, student, teacher, corpus); shards are in root/"shards"."""
-    from disco_dist.make_shards import make_shards
+    from disco_dist.data.make_shards import make_shards
 
     student = build_tiny_model(root / "student", hidden=32, layers=student_layers, seed=0)
     teacher = build_tiny_model(root / "teacher", hidden=48, layers=2, seed=1)
@@ -116,7 +116,7 @@ def tiny_teacher(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_root():
-    from disco_dist.data import resolve_data_root
+    from disco_dist.data.paths import resolve_data_root
 
     return resolve_data_root()
 
@@ -194,7 +194,7 @@ def run_on_ranks(fn, world_size, tmp_path, *args):
     import torch
     import torch.multiprocessing as mp
 
-    from disco_dist.distributed import free_port
+    from disco_dist.cluster.distributed import free_port
 
     mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

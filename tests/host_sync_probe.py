@@ -33,8 +33,8 @@ ALLOWED_FUNCTIONS = {  # (file, function): a name alone would also pass a same-n
     ("encoder.py", "length_order"),
     ("metrics.py", "flush"),  # Metrics.flush: a log step
     ("metrics.py", "scalar"),  # Metrics.scalar: a skipped step's count, or an evaluation's score
-    ("train.py", "log_gauges"),
-    ("train.py", "evaluate_and_select"),
+    ("loop.py", "log_gauges"),
+    ("loop.py", "evaluate_and_select"),
     ("checkpoint.py", "save_checkpoint"),
     ("resilience.py", "read"),  # Verdict.read
     ("resilience.py", "_read"),  # PreemptionSignal: an all-reduce of host memory
@@ -133,11 +133,12 @@ def main() -> None:
 
     DeepSpeedEngine.step = counted_step
 
-    from disco_dist import stages, train
+    from disco_dist.train import loop as train
+    from disco_dist.train import stages
 
     for stage in stages.Stage.__subclasses__():  # armed from the first step's loss on (its forward included)
         arm_at(stage, "loss")
-    from disco_dist.commands import run_command
+    from disco_dist.cli.commands import run_command
 
     original_train = train.train
 

@@ -13,7 +13,7 @@ from conftest import REPO, build_tiny_run_inputs
 def test_flops_per_sentence_counts_projections_feed_forward_and_attention():
     from types import SimpleNamespace
 
-    from disco_dist.benchmark import training_flops_per_sentence
+    from disco_dist.bench.benchmark import training_flops_per_sentence
 
     config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
     # per layer, a 3-token sentence: 2*(4*16 + 2*4*8)*3 = 768 (projections, FFN) + 4*9*4 = 144 (attention)

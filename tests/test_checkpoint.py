@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from disco_dist.checkpoint import complete_checkpoints, latest_checkpoint, resolve_resume
-from disco_dist.errors import UserError
+from disco_dist.core.errors import UserError
+from disco_dist.train.checkpoint import complete_checkpoints, latest_checkpoint, resolve_resume
 
 
 def fake_checkpoint(run, step, complete=True, partial=False):

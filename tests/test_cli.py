@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import REPO, assert_one_line, build_tiny_run_inputs, run
 
-from disco_dist.recipes import flags
+from disco_dist.report.recipes import flags
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_an_unknown_key_in_a_config_file_is_one_line(tmp_path):
 
 
 def test_config_file_values_yield_to_the_command_line(tmp_path):
-    from disco_dist.config import distill_parser, parse
+    from disco_dist.cli.config import distill_parser, parse
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"batch_size": 8, "lr": 0.001, "shards": "somewhere"}))
@@ -133,7 +133,7 @@ def test_a_sort_group_below_one_is_refused_before_the_teacher_loads(tiny, tmp_pa
 
 
 def test_the_shipped_deepspeed_configs_pass_the_check():
-    from disco_dist.ds_config import load_ds_config
+    from disco_dist.cluster.ds_config import load_ds_config
 
     for shipped in (REPO / "ds_configs").glob("*.json"):
         load_ds_config(shipped)  # the shipped configs pass the same check

@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import assert_one_line, run
 
+from disco_dist.core.errors import UserError
 from disco_dist.data.corpus import CorpusStats, read_corpus
 from disco_dist.data.dedupe import SeenHashes
-from disco_dist.errors import UserError
-from disco_dist.make_shards import make_shards
-from disco_dist.shards import iter_shard_samples
+from disco_dist.data.make_shards import make_shards
+from disco_dist.data.shards import iter_shard_samples
 
 ROWS = [f"sentence {i} " + "word " * (i % 7) for i in range(150)] + ["", "sentence 3 word word word ", "   "]
 

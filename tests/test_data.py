@@ -2,9 +2,11 @@ import gzip
 
 import pytest
 
-from disco_dist.data import read_nli_triplets, read_sick, read_sts_benchmark, read_sts_year, resolve_data_root
+from disco_dist.core.errors import UserError
 from disco_dist.data.corpus import CorpusStats, read_corpus
-from disco_dist.errors import UserError
+from disco_dist.data.nli import read_nli_triplets
+from disco_dist.data.paths import resolve_data_root
+from disco_dist.data.sts import read_sick, read_sts_benchmark, read_sts_year
 
 
 @pytest.mark.parametrize(

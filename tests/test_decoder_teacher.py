@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from conftest import PROBE_SENTENCES, PROMPT, REPO, build_tiny_decoder, build_tiny_model, run_on_ranks
 
-from disco_dist.encoder import Encoder
-from disco_dist.errors import UserError
-from disco_dist.make_shards import make_shards
-from disco_dist.shards import iter_shard_samples, read_index
+from disco_dist.core.errors import UserError
+from disco_dist.data.make_shards import make_shards
+from disco_dist.data.shards import iter_shard_samples, read_index
+from disco_dist.models.encoder import Encoder
 
 DS_CONFIG = str(REPO / "ds_configs" / "teacher_zero3.json")
 
@@ -58,8 +58,8 @@ def test_encoders_with_a_prompt_equal_sentence_transformers(tmp_path, pooling):
 
 
 def zero3_rank(rank, world_size, folder, dim, config):
-    from disco_dist.distributed import read_env
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.cluster.distributed import read_env
+    from disco_dist.models.teacher import ZeroTeacher
 
     linear = F.linear
     teacher = ZeroTeacher(folder, str(REPO / "ds_configs" / config), read_env().device, batch_size=4, dim=dim)
@@ -112,9 +112,9 @@ def test_a_checkpoint_ranks_cannot_read_by_parts_falls_back_to_transformers_load
 
 
 def cache_rank(rank, world_size, folder, source, out):
-    from disco_dist.cache import cache_teacher_embeddings
-    from disco_dist.distributed import read_env
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.cluster.distributed import read_env
+    from disco_dist.data.cache import cache_teacher_embeddings
+    from disco_dist.models.teacher import ZeroTeacher
 
     env = read_env()
     teacher = ZeroTeacher(folder, DS_CONFIG, env.device, batch_size=4)
@@ -210,7 +210,7 @@ def test_launchers_run_end_to_end_with_a_decoder_teacher(tmp_path):
     import subprocess
     import sys
 
-    from disco_dist.distributed import deepspeed_command
+    from disco_dist.cluster.distributed import deepspeed_command
 
     folder = build_tiny_decoder(tmp_path / "decoder")
     student = build_tiny_model(tmp_path / "student", hidden=32, layers=2)

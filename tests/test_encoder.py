@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from disco_dist.encoder import Encoder, keep_layers
-from disco_dist.errors import UserError
+from disco_dist.core.errors import UserError
+from disco_dist.models.encoder import Encoder
+from disco_dist.models.layers import keep_layers
 
 SENTENCES = ["a man is playing a guitar.", "the dog runs in the park", "two children play", "a"]
 

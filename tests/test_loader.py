@@ -2,9 +2,9 @@
 
 import pytest
 
-from disco_dist.errors import UserError
-from disco_dist.loader import ShardBatches, TripletBatches
-from disco_dist.shards import ShardFile, ShardFolderWriter, shard_name, write_index
+from disco_dist.core.errors import UserError
+from disco_dist.data.loader import ShardBatches, TripletBatches
+from disco_dist.data.shards import ShardFile, ShardFolderWriter, shard_name, write_index
 
 
 def texts_only(texts, teacher):

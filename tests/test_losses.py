@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import run_on_ranks
 
-from disco_dist.distributed import all_gather_no_grad, all_gather_with_grad
-from disco_dist.losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
+from disco_dist.cluster.distributed import all_gather_no_grad, all_gather_with_grad
+from disco_dist.train.losses import LogitScale, TeacherQueue, ckd_loss, mse_loss, sup_contrastive_loss
 
 B, D_IN, D = 4, 6, 5
 
@@ -180,7 +180,7 @@ def test_a_push_whose_step_was_skipped_on_the_device_leaves_the_queue_as_if_neve
 def test_ridge_head_init_is_stable_on_rank_deficient_features():
     """Pooled features are nearly rank deficient; the head must still come out small and close to the
     least-squares fit, the same on every call."""
-    from disco_dist.stages import head_init_ridge
+    from disco_dist.train.stages import head_init_ridge
 
     torch.manual_seed(0)
     base = torch.randn(500, 6)

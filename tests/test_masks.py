@@ -1,4 +1,4 @@
-"""The padding masks made on the host (disco_dist/masks.py) give every model the outputs its own mask gives."""
+"""The padding masks made on the host (disco_dist/models/masks.py) give every model the outputs its own mask gives."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from disco_dist.masks import PADDING_ONLY, attention_bias, token_index
+from disco_dist.models.masks import PADDING_ONLY, attention_bias, token_index
 
 SMALL = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
 

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from disco_dist.memory import PeakSampler, smaps_rollup
+from disco_dist.bench.memory import PeakSampler, smaps_rollup
 
 
 def test_a_short_lived_allocation_shows_in_the_peak_and_not_after():
@@ -25,8 +25,8 @@ def test_a_zero3_rank_holds_about_its_share_of_a_decoder_teacher_while_loading_a
     """What the teacher adds to a rank's memory (peak USS over the same process's before the teacher is built), on
     2 ranks under ZeRO-3 with the shipped config, is below 0.65x what one process holding the whole teacher adds:
     while loading and while embedding. A random decoder whose weights dominate (537M parameters, 2,045 MiB fp32)."""
-    from disco_dist.files import DS_CONFIGS
-    from disco_dist.memory import measure, measured_teacher
+    from disco_dist.bench.memory import measure, measured_teacher
+    from disco_dist.core.files import DS_CONFIGS
 
     folder = measured_teacher(tmp_path / "decoder", layers=40)
     config = str(DS_CONFIGS / "teacher_zero3.json")
@@ -41,7 +41,7 @@ def test_a_zero3_rank_holds_about_its_share_of_a_decoder_teacher_while_loading_a
 
 def test_the_memory_probe_holds_the_teacher_in_bf16_on_a_gpu_and_fp32_on_a_cpu_unless_asked():
     """A GPU run of the probe measures the teacher as training holds it there (bf16), not in fp32 at twice the bytes."""
-    from disco_dist.memory import worker_precision
+    from disco_dist.bench.memory import worker_precision
 
     assert worker_precision("device", torch.device("cuda", 0)) == "bf16"
     assert worker_precision("device", torch.device("cpu")) == "fp32"

@@ -70,7 +70,7 @@ def assert_same_training(across, alone, loss) -> None:
 def test_each_stage_with_one_rank_on_each_of_two_nodes_equals_two_ranks_on_one(cluster, tiny, tmp_path):
     """ckd.sbatch, finetune.sbatch and cache_teacher.sbatch (the ZeRO-3 teacher partitioned over the two nodes),
     each run with one rank per node and with both ranks on one node: the same losses, weights and cache bytes."""
-    from disco_dist.shards import iter_shard_samples, read_index
+    from disco_dist.data.shards import iter_shard_samples, read_index
 
     root, student, teacher, _ = tiny
     env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
@@ -141,7 +141,7 @@ def test_a_job_signalled_to_stop_checkpoints_requeues_itself_and_finishes_as_if_
     time limit) -> the ranks checkpoint at a step boundary, rank 0 runs `scontrol requeue`, the job comes back under
     the same id (sacct: REQUEUED, then COMPLETED), resumes and ends with the uninterrupted run's weights; the sample
     logs show every batch trained exactly once."""
-    from disco_dist.metrics import read_sample_logs
+    from disco_dist.train.metrics import read_sample_logs
 
     root, student, teacher, _ = tiny
     env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
@@ -305,7 +305,7 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue); once the node is
     back, the same job resumes there and ends with the uninterrupted run's weights (1e-5), every batch trained
     exactly once (sample logs)."""
-    from disco_dist.metrics import read_sample_logs
+    from disco_dist.train.metrics import read_sample_logs
 
     root, student, teacher, _ = tiny
     run = tmp_path / "run"

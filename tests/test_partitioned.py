@@ -10,7 +10,7 @@ def test_every_parameter_of_a_decoder_and_an_encoder_is_found_in_its_checkpoint(
     from conftest import build_tiny_decoder, build_tiny_model
     from transformers import AutoModel
 
-    from disco_dist.partitioned import Checkpoint
+    from disco_dist.models.partitioned import Checkpoint
 
     for folder in (build_tiny_decoder(tmp_path / "decoder"), build_tiny_model(tmp_path / "encoder")):
         model, checkpoint = AutoModel.from_pretrained(folder), Checkpoint(folder)

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from disco_dist.peer_watch import PeerWatch
-from disco_dist.peer_watch_load import CountedStore, Env, measure, recorder
-from disco_dist.resilience import lost_peer_error
+from disco_dist.bench.peer_watch_load import CountedStore, Env, measure, recorder
+from disco_dist.cluster.peer_watch import PeerWatch
+from disco_dist.cluster.resilience import lost_peer_error
 
 
 def test_a_silent_rank_among_64_is_found_within_the_time_out_and_named_by_every_rank():

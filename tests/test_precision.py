@@ -4,9 +4,9 @@ student computes under autocast on fp32 weights and gives fp32 embeddings and gr
 import torch
 from conftest import PROBE_SENTENCES, run_on_ranks
 
-from disco_dist import precision
-from disco_dist.encoder import Encoder
-from disco_dist.stages import Student
+from disco_dist.models import precision
+from disco_dist.models.encoder import Encoder
+from disco_dist.train.stages import Student
 
 CPU = torch.device("cpu")
 
@@ -37,7 +37,7 @@ def test_the_real_probe_measures_both_rates_in_milliseconds():
 
 
 def test_the_default_comes_from_DISCO_PRECISION(monkeypatch):
-    from disco_dist.config import distill_parser
+    from disco_dist.cli.config import distill_parser
 
     monkeypatch.setenv("DISCO_PRECISION", "bf16")
     assert distill_parser().parse_args(["--shards", "x"]).precision == "bf16"
@@ -85,7 +85,7 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, monkey
     import json
     from types import SimpleNamespace
 
-    from disco_dist.train import run_precision
+    from disco_dist.train.loop import run_precision
 
     monkeypatch.setattr(precision, "matmul_gflops", lambda dtype: 1.0)  # a probe now would say fp32
     started = {"name": "bf16", "requested": "auto", "reason": "auto: ...", "fp32_gflops": 1.0, "bf16_gflops": 2.0}

@@ -5,7 +5,7 @@ import re
 
 from conftest import assert_one_line, build_tiny_model, run
 
-from disco_dist.progress import Progress, duration
+from disco_dist.core.progress import Progress, duration
 
 LINE = r"{what}: [\d,]+/{total} sentences \(\d+%\), [\d,.]+ sentences/s, ETA \d+m\d\ds"
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from disco_dist.config import distill_parser, finetune_parser
-from disco_dist.errors import UserError
-from disco_dist.files import RECIPES
-from disco_dist.recipes import flags, load_recipe
-from disco_dist.results import merge_result_row, results_markdown, targets
+from disco_dist.cli.config import distill_parser, finetune_parser
+from disco_dist.core.errors import UserError
+from disco_dist.core.files import RECIPES
+from disco_dist.report.recipes import flags, load_recipe
+from disco_dist.report.results import merge_result_row, results_markdown, targets
 
 TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R")
 
@@ -207,7 +207,7 @@ def test_a_zero_in_a_recipe_is_passed_as_a_flag_value():
 
 
 def test_a_variant_that_changes_only_fine_tuning_reuses_its_bases_stage_one_and_seeds_have_their_own_folders(tmp_path):
-    from disco_dist.recipes import Reproduction
+    from disco_dist.report.recipes import Reproduction
 
     through = Reproduction(load_recipe("S2-40k-through"), tmp_path, tmp_path / "shards", 2)
     assert through.stage1_root == tmp_path / "S2-40k" and through.root == tmp_path / "S2-40k-through"

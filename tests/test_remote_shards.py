@@ -8,9 +8,9 @@ import pytest
 from conftest import assert_one_line, run, run_on_ranks
 from shard_server import ShardServer
 
-from disco_dist.errors import RankError, UserError
-from disco_dist.loader import ShardBatches
-from disco_dist.shards import ShardFolderWriter, iter_shard_samples, read_index, verified_index
+from disco_dist.core.errors import RankError, UserError
+from disco_dist.data.loader import ShardBatches
+from disco_dist.data.shards import ShardFolderWriter, iter_shard_samples, read_index, verified_index
 
 
 def texts_only(texts, teacher):
@@ -106,7 +106,7 @@ def test_a_server_that_sends_more_than_the_index_records_is_cut_off_and_named(sh
     than that, retried as a broken transfer, then reported in one line naming the shard."""
     from types import SimpleNamespace
 
-    import disco_dist.stream as stream
+    import disco_dist.data.stream as stream
 
     held = []
     monkeypatch.setattr(stream, "CHUNK", 4096)  # so a response's blocks show how far it was read
@@ -182,7 +182,7 @@ def test_a_missing_index_or_dead_server_is_one_line(shards, tmp_path):
 def run_inputs(tmp_path_factory):
     from conftest import build_tiny_run_inputs
 
-    from disco_dist.data import read_sts_task
+    from disco_dist.data.sts import read_sts_task
 
     pairs = read_sts_task("STSBenchmark", split="train")
     unique = list(dict.fromkeys(s.strip() for s in pairs.sentences1 + pairs.sentences2))
@@ -206,7 +206,7 @@ def test_deepspeed_two_ranks_train_from_a_server_as_from_the_folder(run_inputs, 
     line naming it; the teacher-cache pass reads a served folder into the same bytes."""
     from safetensors.torch import load_file
 
-    from disco_dist.metrics import read_sample_logs
+    from disco_dist.train.metrics import read_sample_logs
 
     root = run_inputs[0]
     local = distill_from(root / "shards", run_inputs, tmp_path / "local")
@@ -272,7 +272,7 @@ def test_the_loader_rate_script_measures_the_folder_and_the_served_folder(shards
     from conftest import REPO
 
     out = tmp_path / "rate.json"
-    cmd = [sys.executable, "-m", "disco_dist.loader_rate", "--shards", str(shards), "--serve", "--ranks", "2"]
+    cmd = [sys.executable, "-m", "disco_dist.bench.loader_rate", "--shards", str(shards), "--serve", "--ranks", "2"]
     cmd += ["--student", str(tiny_student), "--batch-size", "8", "--consumption", "10", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from disco_dist.errors import UserError
-from disco_dist.files import sha256_of
-from disco_dist.make_shards import make_shards
-from disco_dist.shards import ShardFolderWriter, iter_shard_samples, read_index
+from disco_dist.core.errors import UserError
+from disco_dist.core.files import sha256_of
+from disco_dist.data.make_shards import make_shards
+from disco_dist.data.shards import ShardFolderWriter, iter_shard_samples, read_index
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, build_tiny_run_inputs, scalars, start_cluster
 
-from disco_dist.distributed import deepspeed_command
+from disco_dist.cluster.distributed import deepspeed_command
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_submit_taken_rendezvous_port_ends_the_job_with_one_line(slurm_env, tiny
 
 def test_job_ports_lie_below_the_ephemeral_range():
     """Ports the system hands out for passing connections must never collide with a job's rendezvous port."""
-    from disco_dist.distributed import job_master_port
+    from disco_dist.cluster.distributed import job_master_port
 
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = [job_master_port(str(job_id)) for job_id in range(1, 100_000, 7)] + [job_master_port("123_4")]
@@ -302,8 +302,8 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_continues(tiny, tmp_pa
 def test_submitit_training_job_requeues_and_resumes(tiny, tmp_path):
     """Submitit's path: SIGUSR2 to the job's tasks -> checkpoint at a step boundary -> Submitit requeues the
     job (LocalExecutor: restarts its tasks) -> the job resumes from that checkpoint and finishes."""
-    from disco_dist.pipeline import Job, Resources
-    from disco_dist.pipeline import submit as submit_jobs
+    from disco_dist.cli.pipeline import Job, Resources
+    from disco_dist.cli.pipeline import submit as submit_jobs
 
     root, student, teacher, _ = tiny
     run_dir = tmp_path / "run"
@@ -358,9 +358,9 @@ def test_submitit_training_job_requeues_and_resumes(tiny, tmp_path):
 def test_submitit_training_job_that_loses_a_rank_says_so_in_one_line(tiny, tmp_path):
     """Submitit's path runs the same command code as a launcher: a rank killed mid-run ends the job with the
     lost-peer line (naming the last complete checkpoint), not gloo's bare error."""
-    from disco_dist.errors import UserError
-    from disco_dist.pipeline import Job, Resources, wait_for
-    from disco_dist.pipeline import submit as submit_jobs
+    from disco_dist.cli.pipeline import Job, Resources, wait_for
+    from disco_dist.cli.pipeline import submit as submit_jobs
+    from disco_dist.core.errors import UserError
 
     root, student, teacher, _ = tiny
     run_dir = tmp_path / "run"

@@ -11,13 +11,13 @@ import torch
 from conftest import assert_one_line, build_tiny_run_inputs, run
 from scipy.stats import spearmanr
 
-from disco_dist.data import read_sts_task
-from disco_dist.encoder import Encoder
-from disco_dist.errors import UserError
-from disco_dist.evaluate import TASKS, TeacherSide, score_sts
-from disco_dist.losses import ckd_loss, matryoshka_loss, sup_contrastive_loss
-from disco_dist.results import hardware
-from disco_dist.stages import Student
+from disco_dist.core.errors import UserError
+from disco_dist.core.hardware import hardware
+from disco_dist.data.sts import read_sts_task
+from disco_dist.evaluation.evaluate import TASKS, TeacherSide, score_sts
+from disco_dist.models.encoder import Encoder
+from disco_dist.train.losses import ckd_loss, matryoshka_loss, sup_contrastive_loss
+from disco_dist.train.stages import Student
 
 SENTENCES = ["A man plays the guitar.", "the the the", "Two dogs run in a field of snow.", "Stocks fell sharply."]
 
@@ -180,7 +180,7 @@ def test_bad_matryoshka_flags_are_one_line(flags, needle, tmp_path):
 def test_the_model_cards_transformers_snippet_computes_what_sentence_transformers_does(headed, tmp_path):
     """The card's 'Usage (transformers)' code, run as printed, gives the model's embeddings, and is formatted as
     `ruff format` wants it (a card copied into docs/ must pass `make lint`)."""
-    from disco_dist.model_card import render
+    from disco_dist.report.model_card import render
 
     folder, _ = headed
     stage = {"stage": "distill", "started_from": "tiny", "teacher": "tiny-teacher", "data": "4 sentences", "steps": 1}
@@ -256,7 +256,7 @@ def test_keep_head_and_matryoshka_through_both_stages_then_the_card_carries_the_
 )
 def test_the_card_states_a_speed_ratio_only_when_both_were_timed_on_one_machine(headed, teacher_machine, expected):
     """A teacher cache timed on another machine (evaluate.py --teacher-cache) gives no student/teacher ratio."""
-    from disco_dist.model_card import update_model_card
+    from disco_dist.report.model_card import update_model_card
 
     folder, _ = headed
     stage = {"stage": "distill", "started_from": "tiny", "teacher": "tiny-teacher", "data": "4 sentences", "steps": 1}

@@ -1,4 +1,4 @@
-"""disco_dist/tar_members.py reads a shard as webdataset does (the same samples from the same archive), without
+"""disco_dist/data/tar_members.py reads a shard as webdataset does (the same samples from the same archive), without
 Python's tarfile on the read path."""
 
 import io
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from disco_dist.errors import RankError
-from disco_dist.shards import ShardFile
-from disco_dist.tar_members import tar_samples
+from disco_dist.core.errors import RankError
+from disco_dist.data.shards import ShardFile
+from disco_dist.data.tar_members import tar_samples
 
 
 def webdataset_samples(data: bytes) -> list:

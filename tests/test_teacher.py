@@ -7,16 +7,16 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line, build_tiny_model, run, run_on_ranks
 
-from disco_dist.encoder import Encoder
-from disco_dist.make_shards import make_shards
-from disco_dist.shards import iter_shard_samples, read_index
+from disco_dist.data.make_shards import make_shards
+from disco_dist.data.shards import iter_shard_samples, read_index
+from disco_dist.models.encoder import Encoder
 
 SENTENCES = ["a man plays the guitar.", "two dogs run in the park", "the first album of the year", "a", "b c d"] * 3
 
 
 def teacher_rank(rank, world_size, model_dir, ds_config, precision=None):
-    from disco_dist.distributed import read_env
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.cluster.distributed import read_env
+    from disco_dist.models.teacher import ZeroTeacher
 
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=4, precision=precision)
     dtypes = {str(p.dtype) for p in teacher.encoder.model.parameters()}
@@ -62,9 +62,9 @@ def test_zero3_teacher_in_bf16_on_cpu_is_close_to_fp32(tmp_path):
 def cache_rank(
     rank, world_size, model_dir, ds_config, source, out, group_sentences=None, replicated=False, token_budget=None
 ):
-    from disco_dist.cache import cache_teacher_embeddings
-    from disco_dist.distributed import read_env
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.cluster.distributed import read_env
+    from disco_dist.data.cache import cache_teacher_embeddings
+    from disco_dist.models.teacher import ZeroTeacher
 
     env = read_env()
     teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8, replicated=replicated)
@@ -77,7 +77,7 @@ def cache_rank(
 def test_token_budget_batches_hold_each_sentence_once_within_the_budget(tmp_path):
     """--teacher-token-budget: longest sentences first, each batch as many as fit the budget in padded tokens (a
     sentence longer than the budget alone); every sentence once; the embeddings those of the fixed batches."""
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.models.teacher import ZeroTeacher
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
     teacher = ZeroTeacher(model_dir, REPO / "ds_configs" / "teacher_zero3.json", torch.device("cpu"), batch_size=4)
@@ -167,7 +167,7 @@ def test_unfinished_cache_continues_and_keeps_finished_shards(tmp_path):
     shard 0 finished and shard 1 not is a partly finished group, embedded together again as before)."""
     import shutil
 
-    from disco_dist.cache import CACHE_PLAN
+    from disco_dist.data.cache import CACHE_PLAN
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
     corpus = tmp_path / "corpus.txt"
@@ -211,8 +211,8 @@ def test_a_cut_short_cache_from_before_token_budgets_continues_with_the_same_com
     an unfinished cache continues it as it was planned: a plan from before token budgets, with fixed batches."""
     import shutil
 
-    from disco_dist.cache import CACHE_PLAN, cache_plan
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.data.cache import CACHE_PLAN, cache_plan
+    from disco_dist.models.teacher import ZeroTeacher
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3).resolve()
     corpus = tmp_path / "corpus.txt"
@@ -241,11 +241,11 @@ def plan_only_rank(rank, world_size, model_dir, ds_config, source, out, group_se
     """Write the plan file a cache pass of this source and teacher starts with, and nothing else."""
     from pathlib import Path
 
-    from disco_dist.cache import CACHE_PLAN, cache_plan
-    from disco_dist.distributed import read_env
-    from disco_dist.files import write_json_atomic
-    from disco_dist.shards import read_index
-    from disco_dist.teacher import ZeroTeacher
+    from disco_dist.cluster.distributed import read_env
+    from disco_dist.core.files import write_json_atomic
+    from disco_dist.data.cache import CACHE_PLAN, cache_plan
+    from disco_dist.data.shards import read_index
+    from disco_dist.models.teacher import ZeroTeacher
 
     teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
     write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source), group_sentences))
@@ -258,7 +258,7 @@ def test_the_cache_token_budget_is_the_one_asked_else_the_unfinished_plan_s_else
     --overwrite; else 1,024 for a CPU teacher that is not partitioned and fixed batches under ZeRO-3."""
     from types import SimpleNamespace
 
-    from disco_dist.cache import CACHE_PLAN, resolve_token_budget
+    from disco_dist.data.cache import CACHE_PLAN, resolve_token_budget
 
     cpu, zero3 = (SimpleNamespace(device=torch.device("cpu"), partitioned=p) for p in (False, True))
     assert resolve_token_budget(0, False, cpu, tmp_path, False) is None
@@ -281,7 +281,7 @@ def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_r
     run's weights.)"""
     from types import SimpleNamespace
 
-    from disco_dist.stages import Distill
+    from disco_dist.train.stages import Distill
 
     class Loader:
         def batches(self, epoch, start):

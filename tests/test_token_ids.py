@@ -1,4 +1,4 @@
-"""Token ids stored in the shards (disco_dist/token_ids.py): made once by `launchers/tokenize_shards.py`, they give
+"""Token ids stored in the shards (disco_dist/data/token_ids.py): made once by `launchers/tokenize_shards.py`, they give
 stage 1 the batches tokenising would, so a run trains the same student without tokenising on the host."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import assert_same_weights, build_tiny_decoder, build_tiny_run_inputs, run
 
-from disco_dist.encoder import Encoder
-from disco_dist.shards import iter_shard_samples, read_index
-from disco_dist.token_ids import pad, token_ids
+from disco_dist.data.shards import iter_shard_samples, read_index
+from disco_dist.data.token_ids import pad, token_ids
+from disco_dist.models.encoder import Encoder
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_the_fingerprint_names_the_tokenizer_not_its_last_call(inputs, tmp_path)
     """transformers resets a tokenizer's truncation and padding state at every call: a student that has tokenised
     (its head's least-squares fit encodes sentences) still matches the ids made by a fresh one; another max length,
     prompt or vocabulary does not."""
-    from disco_dist.token_ids import fingerprint
+    from disco_dist.data.token_ids import fingerprint
 
     _, student, teacher, _ = inputs
     fresh = fingerprint(Encoder.from_pretrained(student, max_length=64))
@@ -111,7 +111,7 @@ def test_the_loader_rate_script_pads_stored_ids_instead_of_tokenising(inputs, to
 
     _, student, _, _ = inputs
     out = tmp_path / "rate.json"
-    cmd = [sys.executable, "-m", "disco_dist.loader_rate", "--shards", str(tokenized), "--ranks", "1"]
+    cmd = [sys.executable, "-m", "disco_dist.bench.loader_rate", "--shards", str(tokenized), "--ranks", "1"]
     cmd += ["--student", str(student), "--batch-size", "8", "--consumption", "10", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import REPO, assert_same_weights, build_tiny_run_inputs, scalars
 
-from disco_dist.checkpoint import complete_checkpoints
-from disco_dist.distributed import deepspeed_command
-from disco_dist.encoder import Encoder
-from disco_dist.metrics import read_sample_logs
+from disco_dist.cluster.distributed import deepspeed_command
+from disco_dist.models.encoder import Encoder
+from disco_dist.train.checkpoint import complete_checkpoints
+from disco_dist.train.metrics import read_sample_logs
 
 
 def launch(script, args, ranks=2, timeout=600):
@@ -26,7 +26,7 @@ def launch(script, args, ranks=2, timeout=600):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from disco_dist.data import read_sts_task
+    from disco_dist.data.sts import read_sts_task
 
     pairs = read_sts_task("STSBenchmark", split="train")  # real sentences the tiny tokenizer can mostly cover
     unique = list(dict.fromkeys(s.strip() for s in pairs.sentences1 + pairs.sentences2))
@@ -296,7 +296,7 @@ def test_finetune_two_ranks_keeps_best_and_resumes_exactly(setup, tmp_path):
     assert set(logged["loss/sup_contrastive"]) == {5, 10, 15, 20}
     summary = json.loads((full / "train_summary.json").read_text())
     assert summary["best_dev"] == pytest.approx(max(logged["eval/stsb_dev_spearman"].values()), abs=1e-4)
-    from disco_dist.evaluate import stsb_dev_spearman
+    from disco_dist.evaluation.evaluate import stsb_dev_spearman
 
     assert stsb_dev_spearman(Encoder.from_pretrained(full / "final")) == pytest.approx(summary["best_dev"], abs=1e-3)
 

@@ -1,12 +1,12 @@
-"""The padding-free forward (disco_dist/unpadded.py) computes what the model's own forward computes, values and
+"""The padding-free forward (disco_dist/models/unpadded.py) computes what the model's own forward computes, values and
 gradients, whatever the padding; it is used only where the architecture is one it computes exactly."""
 
 import torch
 from conftest import PROBE_SENTENCES
 
-from disco_dist import unpadded
-from disco_dist.encoder import Encoder
-from disco_dist.stages import Student
+from disco_dist.models import unpadded
+from disco_dist.models.encoder import Encoder
+from disco_dist.train.stages import Student
 
 
 def _pair(tiny_student):

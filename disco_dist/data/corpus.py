@@ -14,9 +14,9 @@ import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..errors import UserError
-from ..files import sha256_of
-from ..iters import chunks
+from ..core.errors import UserError
+from ..core.files import sha256_of
+from ..core.iters import chunks
 from .dedupe import SeenHashes
 
 TEXT, JSONL, PARQUET, DATASETS = "text", "jsonl", "parquet", "datasets"

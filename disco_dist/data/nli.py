@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from ..errors import UserError
-from . import require_file, resolve_data_root
+from ..core.errors import UserError
+from .paths import require_file, resolve_data_root
 
 NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
 DEFAULT_NLI_FILES = ("nli/snli_dev_triplets.csv", "nli/snli_test_triplets.csv")

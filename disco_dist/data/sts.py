@@ -7,8 +7,8 @@ text with quote characters that are part of the sentences, so they are split on 
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from . import require_file, resolve_data_root
+from ..core.errors import UserError
+from .paths import require_file, resolve_data_root
 
 # The sub-sets SentEval (and so SimCSE and DisCo) score for each year; STS13's SMT is not distributed.
 STS_YEAR_SUBSETS = {

@@ -1,0 +1,1 @@
+"""Speed and memory measurements: the benchmark, its rows and whole runs, profiles, the loader rate, the ceiling."""

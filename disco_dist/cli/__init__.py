@@ -1,0 +1,1 @@
+"""The commands at the door: flags, each command's job side, and the Submitit pipeline."""

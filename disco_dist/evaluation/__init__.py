@@ -1,0 +1,1 @@
+"""STS scoring of a student (and of a teacher side), seven tasks."""

@@ -1,0 +1,1 @@
+"""Encoders and the teacher: loading, layers, the padding-free forward, ZeRO-3 partitioning, precision, FLOPs."""

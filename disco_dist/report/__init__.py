@@ -1,0 +1,1 @@
+"""What reports results: the results tables, recipes and their targets, model cards, figures."""

@@ -1,0 +1,1 @@
+"""The training loop and what it uses: stages, losses, optimizer, checkpoints, metrics, Matryoshka widths."""
