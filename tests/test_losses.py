@@ -180,7 +180,7 @@ def test_a_push_whose_step_was_skipped_on_the_device_leaves_the_queue_as_if_neve
 def test_ridge_head_init_is_stable_on_rank_deficient_features():
     """Pooled features are nearly rank deficient; the head must still come out small and close to the
     least-squares fit, the same on every call."""
-    from disco_dist.train.stages import head_init_ridge
+    from disco_dist.train.student import head_init_ridge
 
     torch.manual_seed(0)
     base = torch.randn(500, 6)

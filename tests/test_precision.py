@@ -6,7 +6,7 @@ from conftest import PROBE_SENTENCES, run_on_ranks
 
 from disco_dist.models import precision
 from disco_dist.models.encoder import Encoder
-from disco_dist.train.stages import Student
+from disco_dist.train.student import Student
 
 CPU = torch.device("cpu")
 
@@ -91,7 +91,6 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, monkey
     started = {"name": "bf16", "requested": "auto", "reason": "auto: ...", "fp32_gflops": 1.0, "bf16_gflops": 2.0}
     (tmp_path / "config.json").write_text(json.dumps({"precision_decision": started}))
     env = SimpleNamespace(device=CPU)
-    auto = SimpleNamespace(precision="auto")
-    assert run_precision(auto, env, tmp_path, resuming=True).record() == started
-    assert run_precision(auto, env, tmp_path, resuming=False).name == "fp32"  # a new run decides anew
-    assert run_precision(SimpleNamespace(precision="fp32"), env, tmp_path, resuming=True).name == "fp32"
+    assert run_precision("auto", env, tmp_path, resuming=True).record() == started
+    assert run_precision("auto", env, tmp_path, resuming=False).name == "fp32"  # a new run decides anew
+    assert run_precision("fp32", env, tmp_path, resuming=True).name == "fp32"

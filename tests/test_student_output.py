@@ -17,7 +17,7 @@ from disco_dist.data.sts import read_sts_task
 from disco_dist.evaluation.evaluate import TASKS, TeacherSide, score_sts
 from disco_dist.models.encoder import Encoder
 from disco_dist.train.losses import ckd_loss, matryoshka_loss, sup_contrastive_loss
-from disco_dist.train.stages import Student
+from disco_dist.train.student import Student
 
 SENTENCES = ["A man plays the guitar.", "the the the", "Two dogs run in a field of snow.", "Stocks fell sharply."]
 

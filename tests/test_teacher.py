@@ -301,7 +301,8 @@ def test_an_online_teacher_embeds_a_resumed_run_s_batches_in_the_uninterrupted_r
             return torch.tensor([[float(sum(map(ord, text))), together] for text in texts])
 
     def run(start):
-        stage = SimpleNamespace(teacher=Teacher(), args=SimpleNamespace(batch_size=2), loader=Loader())
+        settings = SimpleNamespace(run=SimpleNamespace(batch_size=2))
+        stage = SimpleNamespace(teacher=Teacher(), settings=settings, loader=Loader())
         stage._embed_group = lambda group, skip=0: Distill._embed_group(stage, group, skip)
         batches = list(Distill._with_online_teacher(stage, 0, start))
         return stage.teacher.calls, batches

@@ -6,7 +6,7 @@ from conftest import PROBE_SENTENCES
 
 from disco_dist.models import unpadded
 from disco_dist.models.encoder import Encoder
-from disco_dist.train.stages import Student
+from disco_dist.train.student import Student
 
 
 def _pair(tiny_student):

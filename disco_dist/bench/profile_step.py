@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     from ..data.paths import resolve_data_root
     from ..models.encoder import Encoder
     from ..train.losses import ckd_loss
-    from ..train.stages import Student
+    from ..train.student import Student
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")

@@ -53,6 +53,7 @@ def cache_teacher(args) -> Path:
     from ..data.cache import cache_teacher_embeddings, resolve_token_budget
     from ..data.shards import read_index
     from ..models.teacher import ZeroTeacher
+    from .settings import teacher_settings
 
     if args.sort_group is not None and args.sort_group < 1:
         raise UserError(f"--sort-group must be at least 1, got {args.sort_group}")
@@ -68,7 +69,7 @@ def cache_teacher(args) -> Path:
 
     with lost_peer_as_one_line(hint):
         watch = PeerWatch(env, hint)  # a silent peer ends the pass within DISCO_PEER_TIMEOUT, not the 600 s time-out
-        teacher = ZeroTeacher.from_args(args, env.device)
+        teacher = ZeroTeacher.from_settings(teacher_settings(args), env.device)
         budget = resolve_token_budget(
             args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
         )
@@ -91,10 +92,11 @@ def train_stage(args, stage: str) -> str:
     from ..train.checkpoint import resume_hint
     from ..train.loop import train
     from ..train.stages import STAGES
+    from .settings import train_settings
 
     try:
         with lost_peer_as_one_line(lambda: resume_hint(args.run_dir)):
-            return str(train(args, STAGES[stage]))
+            return str(train(train_settings(args), STAGES[stage]))
     except Preempted as stop:
         requeue_after(stop)
 

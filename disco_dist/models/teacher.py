@@ -6,6 +6,7 @@ before the teacher: transformers' HfDeepSpeedConfig is process-global while it l
 """
 
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -38,6 +39,20 @@ def default_token_budget(device: torch.device, partitioned: bool) -> int | None:
     bigger batch): 1,024 for a CPU teacher that is not partitioned (the cache pass 1.1x faster than 16 sentences a
     batch; see docs/benchmarks.md); None (fixed counts) on a GPU and under ZeRO-3, whose gathers favour big batches."""
     return 1024 if device.type == "cpu" and not partitioned else None
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Which teacher, partitioned how, embedding how many sentences a forward (see cli/config_teacher.py's flags)."""
+
+    model: str
+    ds_config: str
+    batch_size: int | None = None  # sentences a forward; None: the device's default
+    max_length: int | None = None
+    precision: str | None = None  # None: --precision's default ($DISCO_PRECISION, else auto)
+    prompt: str | None = None
+    dim: int | None = None  # Matryoshka-truncate the teacher's embeddings
+    replicated: bool = False  # a whole copy on each rank instead of ZeRO-3 partitions
 
 
 class ZeroTeacher:
@@ -100,18 +115,18 @@ class ZeroTeacher:
         self._flops = ForwardFlops(self.encoder.model)
 
     @classmethod
-    def from_args(cls, args, device: torch.device) -> "ZeroTeacher":
-        """The teacher the flags of `config_teacher.add_teacher_flags` describe (distill online, the cache pass)."""
+    def from_settings(cls, settings: "TeacherSettings", device: torch.device) -> "ZeroTeacher":
+        """The teacher `settings` describe (distill online, the cache pass)."""
         return cls(
-            args.teacher,
-            args.teacher_ds_config,
+            settings.model,
+            settings.ds_config,
             device,
-            batch_size=args.teacher_batch_size,
-            max_length=args.max_length,
-            precision=args.precision,
-            prompt=args.teacher_prompt,
-            dim=args.teacher_dim,
-            replicated=args.teacher_replicated,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            precision=settings.precision,
+            prompt=settings.prompt,
+            dim=settings.dim,
+            replicated=settings.replicated,
         )
 
     @property

@@ -34,65 +34,67 @@ def hub_id(name_or_path) -> str:
     return f"sentence-transformers/{name}" if name in MODELS else str(name_or_path)
 
 
-def _used_from_shards(args) -> dict:
+def _used_from_shards(run: dict) -> dict:
     """The teacher and data of a stage-1 run that did not say (`python -m disco_dist.report.model_card` on an older
     run), read from its shards' index.json where that is still on disk."""
-    index_file = Path(str(args.shards)) / "index.json"
+    index_file = Path(str(run["shards"])) / "index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     return {
-        "teacher": (index.get("teacher") or {}).get("model", args.teacher),
-        "data": f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(args.shards),
+        "teacher": (index.get("teacher") or {}).get("model", run.get("teacher")),
+        "data": f"{index['total']:,} sentences of {Path(index['source']).name}" if index else str(run["shards"]),
     }
 
 
-def stage_record(stage: str, args, summary: dict, used: dict | None = None) -> dict:
-    """What one finished training stage did, for the card: from its flags, its train_summary and what the stage
-    says it used (`used`: the teacher it learned from and the data it read, e.g. remote shards)."""
+def stage_record(stage: str, run: dict, summary: dict, used: dict | None = None) -> dict:
+    """What one finished training stage did, for the card: from the run's record (its config.json: the flags as
+    given and the precision decided), its train_summary and what the stage says it used (`used`: the teacher it
+    learned from and the data it read, e.g. remote shards)."""
     from ..core.hardware import hardware
 
     record = {
         "stage": stage,
-        "started_from": hub_id(args.student),
-        "keep_layers": args.keep_layers,
-        "lr": args.lr,
-        "batch_size": args.batch_size * summary["world_size"],
+        "started_from": hub_id(run["student"]),
+        "keep_layers": run["keep_layers"],
+        "lr": run["lr"],
+        "batch_size": run["batch_size"] * summary["world_size"],
         "ranks": summary["world_size"],
-        "epochs": args.epochs,
+        "epochs": run["epochs"],
         "steps": summary["steps"],
-        "precision": args.precision,
-        "seed": args.seed,
-        "matryoshka_dims": args.matryoshka_dims,
+        "precision": run["precision"],
+        "seed": run["seed"],
+        "matryoshka_dims": run["matryoshka_dims"],
         "best_stsb_dev": None if summary.get("best_dev") is None else round(summary["best_dev"], 2),
         "seconds": summary["seconds"],
         "hardware": hardware(),
         "finished": time.strftime("%Y-%m-%d"),
     }
     if stage == "distill":
-        used = used or _used_from_shards(args)
+        used = used or _used_from_shards(run)
         record.update(
             teacher=hub_id(used["teacher"]),
             data=used["data"],
-            loss=args.loss,
-            logit_scale=None if args.loss != "ckd" else round(summary.get("logit_scale", args.logit_scale), 2),
-            queue_size=args.queue_size if args.loss == "ckd" else None,
-            head_kept=args.keep_head,
+            loss=run["loss"],
+            logit_scale=None if run["loss"] != "ckd" else round(summary.get("logit_scale", run["logit_scale"]), 2),
+            queue_size=run["queue_size"] if run["loss"] == "ckd" else None,
+            head_kept=run["keep_head"],
         )
     else:
+        nli = run.get("nli") or ["shared SNLI"]
         record.update(
-            data=f"NLI triplets ({args.max_triplets or 'all'}; {', '.join(map(str, args.nli or ['shared SNLI']))})",
+            data=f"NLI triplets ({run['max_triplets'] or 'all'}; {', '.join(map(str, nli))})",
             loss="supervised contrastive (SimCSE)",
-            temperature=args.temperature,
-            student_head=args.student_head,
+            temperature=run["temperature"],
+            student_head=run["student_head"],
         )
     return record
 
 
-def write_model_card(folder: Path, stage: str, args, summary: dict, used: dict | None = None) -> None:
+def write_model_card(folder: Path, stage: str, run: dict, summary: dict, used: dict | None = None) -> None:
     """Record this stage (after the start model's stages, if it has a card) and render the card."""
     folder = Path(folder)
-    start = Path(str(args.student)) / FACTS
+    start = Path(str(run["student"])) / FACTS
     stages = json.loads(start.read_text())["stages"] if start.is_file() else []
-    facts = {"stages": [*stages, stage_record(stage, args, summary, used)]}
+    facts = {"stages": [*stages, stage_record(stage, run, summary, used)]}
     write_json_atomic(folder / FACTS, facts)
     render(folder)
 
@@ -296,8 +298,6 @@ def _transformers_usage(folder: Path, dense: str | None, normalize: bool, settin
 def card_for_run(run_dir) -> Path:
     """Write the card of a finished run's final model from the run's config.json and train_summary.json (for
     runs made before cards were written): `python -m disco_dist.report.model_card RUN_DIR`."""
-    import argparse
-
     from ..core.errors import UserError
 
     run_dir = Path(run_dir)
@@ -307,7 +307,7 @@ def card_for_run(run_dir) -> Path:
     except (OSError, ValueError) as err:
         raise UserError(f"{run_dir}: not a finished run folder ({err})") from None
     defaults = {"keep_head": False, "student_head": "frozen", "matryoshka_dims": None}
-    write_model_card(run_dir / "final", config["stage"], argparse.Namespace(**{**defaults, **config}), summary)
+    write_model_card(run_dir / "final", config["stage"], {**defaults, **config}, summary)
     return run_dir / "final" / "README.md"
 
 

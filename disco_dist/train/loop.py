@@ -37,6 +37,7 @@ from ..report.model_card import write_model_card
 from .checkpoint import load_checkpoint, resolve_resume, resume_hint, save_checkpoint
 from .metrics import Metrics, SampleLog, Stopwatch
 from .optim import build_optimizer
+from .settings import RunSettings, TrainSettings
 
 
 @dataclass
@@ -62,41 +63,44 @@ class TrainState:
                 setattr(self, name, saved[name])
 
 
-def count_total_steps(stage, args) -> int:
+def count_total_steps(stage, run: RunSettings) -> int:
     """Steps of `--epochs` (fractions allowed) over the stage's batches, capped by `--max-steps`."""
-    per_epoch = [stage.loader.batches_per_epoch(e) for e in range(math.ceil(args.epochs))]
-    total = sum(per_epoch[: int(args.epochs)]) + int(per_epoch[-1] * (args.epochs % 1))
-    if args.max_steps > 0:
-        total = min(total, args.max_steps) if args.epochs > 0 else args.max_steps
+    per_epoch = [stage.loader.batches_per_epoch(e) for e in range(math.ceil(run.epochs))]
+    total = sum(per_epoch[: int(run.epochs)]) + int(per_epoch[-1] * (run.epochs % 1))
+    if run.max_steps > 0:
+        total = min(total, run.max_steps) if run.epochs > 0 else run.max_steps
     return total
 
 
-def build_engine(stage, args, env, total_steps: int) -> tuple:
+def build_engine(stage, settings: TrainSettings, total_steps: int) -> tuple:
     """The student in a DeepSpeed engine (data-parallel, ZeRO 0-2) with AdamW; (engine, optimizer, schedule). The
     loop sets the learning rate itself (optim.Schedule), so the engine holds no scheduler. The engine's own bf16
     stays off: a bf16 student trains under autocast (see precision.py)."""
-    ds_config = load_ds_config(args.ds_config, micro_batch_size=args.batch_size, bf16=False)
-    ds_config["gradient_clipping"] = args.grad_clip
+    run = settings.run
+    ds_config = load_ds_config(run.ds_config, micro_batch_size=run.batch_size, bf16=False)
+    ds_config["gradient_clipping"] = run.grad_clip
     if ds_config.get("zero_optimization", {}).get("stage", 0) > 2:
-        raise UserError(f"{args.ds_config}: the student is data-parallel; use ZeRO stage 0, 1 or 2")
-    optimizer, schedule = build_optimizer(stage.student, args, total_steps)
+        raise UserError(f"{run.ds_config}: the student is data-parallel; use ZeRO stage 0, 1 or 2")
+    optimizer, schedule = build_optimizer(stage.student, settings.optim, total_steps)
     engine, *_ = distributed.import_deepspeed().initialize(model=stage.student, optimizer=optimizer, config=ds_config)
     return engine, optimizer, schedule
 
 
-def train(args, stage_class) -> Path:
-    run_dir = Path(args.run_dir)
+def train(settings: TrainSettings, stage_class) -> Path:
+    run = settings.run
+    run_dir = Path(run.run_dir)
     check_writable(run_dir)
-    env = distributed.init_distributed(args.local_rank)
+    env = distributed.init_distributed(run.local_rank)
     watch = PeerWatch(env, lambda: resume_hint(run_dir))
-    checkpoint = resolve_resume(args.resume, run_dir)
-    precision = run_precision(args, env, run_dir, resuming=checkpoint is not None)
-    args.precision = precision.name  # what the stage's student and teacher compute in
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    stage = stage_class(args, env)  # builds the student first, then any ZeRO-3 teacher
-    state = TrainState(total_steps=count_total_steps(stage, args))
-    engine, optimizer, schedule = build_engine(stage, args, env, state.total_steps)
+    checkpoint = resolve_resume(run.resume, run_dir)
+    precision = run_precision(run.precision, env, run_dir, resuming=checkpoint is not None)
+    settings = settings.with_precision(precision.name)  # what the stage's student and teacher compute in
+    run = settings.run
+    torch.manual_seed(run.seed)
+    random.seed(run.seed)
+    stage = stage_class(settings, env)  # builds the student first, then any ZeRO-3 teacher
+    state = TrainState(total_steps=count_total_steps(stage, run))
+    engine, optimizer, schedule = build_engine(stage, settings, state.total_steps)
     stopwatch = Stopwatch()
     if env.world_size > 1 and env.device.type == "cpu":
         # the data-parallel gradient all-reduce: waiting for the slowest rank, then the bytes. Only on the CPU,
@@ -113,26 +117,17 @@ def train(args, stage_class) -> Path:
             )
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            run_dir / "config.json",
-            {
-                **flags_record(args),
-                "world_size": env.world_size,
-                "precision_decision": precision.record(),
-                "total_steps": state.total_steps,
-                "stage": stage.name,
-            },
-        )
+        write_json_atomic(run_dir / "config.json", run_record(settings, stage, env, precision, state))
     online_teacher = getattr(stage, "teacher", None)
     metrics = Metrics(
         run_dir / "tensorboard" if env.is_main else None,
         progress_total=state.total_steps,
         progress_start=state.step,
-        show_progress=_show_progress(args, env),
+        show_progress=_show_progress(run.progress, env),
         peak_flops_per_s=online_teacher.matmul_rate() if online_teacher is not None else None,
     )
     sample_log = (
-        SampleLog(run_dir / "samples" / f"rank-{env.rank}.tsv", state.epoch, state.batch) if args.sample_log else None
+        SampleLog(run_dir / "samples" / f"rank-{env.rank}.tsv", state.epoch, state.batch) if run.sample_log else None
     )
     faults = InjectedFaults()
     preemption = PreemptionSignal()
@@ -143,7 +138,7 @@ def train(args, stage_class) -> Path:
 
     def checkpoint_now() -> Path:
         state.seconds = run_seconds()
-        return save_checkpoint(engine, run_dir, state.step, state.state_dict(), stage.extra(), args.keep_checkpoints)
+        return save_checkpoint(engine, run_dir, state.step, state.state_dict(), stage.extra(), run.keep_checkpoints)
 
     engine.train()  # from_pretrained hands models over in eval mode: dropout on for training
     launched = None  # the last step queued on the device whose verdict the host has not read (see `settle`)
@@ -167,7 +162,7 @@ def train(args, stage_class) -> Path:
             metrics.scalar("train/skipped_nonfinite_steps", state.skipped, state.step)
         if sample_log:
             sample_log.write(step["epoch"], step["batch"], state.step, "trained" if taken else "skipped", step["keys"])
-        if state.bad_in_a_row >= args.max_bad_steps:
+        if state.bad_in_a_row >= run.max_bad_steps:
             saved = checkpoint_now()  # the last good state: nothing was applied since
             raise UserError(
                 f"the loss was NaN or inf {state.bad_in_a_row} times in a row at step "
@@ -177,7 +172,7 @@ def train(args, stage_class) -> Path:
 
     def at_boundary(step: int) -> bool:
         """A step after which the loop logs, evaluates, checkpoints or ends: the host must know the step count."""
-        every = (args.log_every, args.eval_every, args.checkpoint_every)
+        every = (run.log_every, run.eval_every, run.checkpoint_every)
         return step == state.total_steps or any(n and step % n == 0 for n in every)
 
     # Between boundaries nothing here waits for the device: the loss, the skip decision and the update are queued
@@ -215,12 +210,12 @@ def train(args, stage_class) -> Path:
             if not settle():
                 continue
             last = state.step == state.total_steps
-            if state.step % args.log_every == 0 or last:
+            if state.step % run.log_every == 0 or last:
                 metrics.flush(state.step, log_gauges(stage, engine, schedule))
             with metrics.paused_clock():
-                if args.eval_every and (state.step % args.eval_every == 0 or last):
-                    evaluate_and_select(stage, args, env, state, metrics, run_dir)
-                if args.checkpoint_every and state.step % args.checkpoint_every == 0 and not last:
+                if run.eval_every and (state.step % run.eval_every == 0 or last):
+                    evaluate_and_select(stage, run, env, state, metrics)
+                if run.checkpoint_every and state.step % run.checkpoint_every == 0 and not last:
                     checkpoint_now()
             if last:
                 break
@@ -235,7 +230,7 @@ def train(args, stage_class) -> Path:
 
     checkpoint_now()
     final = run_dir / "final"
-    if env.is_main and (args.select == "last" or not final.exists()):
+    if env.is_main and (run.select == "last" or not final.exists()):
         stage.save_student(final)
     if env.is_main:
         summary = {
@@ -251,7 +246,7 @@ def train(args, stage_class) -> Path:
             **_peak_gpu_memory(env.device),
         }
         write_json_atomic(run_dir / "train_summary.json", summary)
-        write_model_card(final, stage.name, args, summary, stage.used())
+        write_model_card(final, stage.name, run_record(settings, stage, env, precision, state), summary, stage.used())
         print(f"finished: {state.step} steps; final model {final}", flush=True)
     metrics.close()
     if sample_log:
@@ -261,25 +256,25 @@ def train(args, stage_class) -> Path:
     return final
 
 
-def run_precision(args, env, run_dir: Path, resuming: bool) -> Precision:
+def run_precision(requested: str, env, run_dir: Path, resuming: bool) -> Precision:
     """--precision for this run: a resumed `auto` run keeps the decision its config.json recorded (a new probe
     could land on the other side of the threshold mid-run); else decided now."""
     config = run_dir / "config.json"
-    if resuming and args.precision == "auto" and config.is_file():
+    if resuming and requested == "auto" and config.is_file():
         saved = json.loads(config.read_text()).get("precision_decision")
         if saved and saved.get("requested") == "auto":
             return Precision(**saved)
-    return resolve_precision(args.precision, env.device)
+    return resolve_precision(requested, env.device)
 
 
-def evaluate_and_select(stage, args, env, state: TrainState, metrics, run_dir: Path) -> None:
+def evaluate_and_select(stage, run: RunSettings, env, state: TrainState, metrics) -> None:
     """STS-B dev Spearman on rank 0 (the others wait at the barrier); keep the best model if selecting."""
     if env.is_main:
-        score = stsb_dev_spearman(stage.student.encoder, args.data_root)
+        score = stsb_dev_spearman(stage.student.encoder, run.data_root)
         metrics.scalar("eval/stsb_dev_spearman", score, state.step)
-        if args.select == "best" and (state.best_dev is None or score > state.best_dev):
+        if run.select == "best" and (state.best_dev is None or score > state.best_dev):
             state.best_dev = score
-            stage.save_student(run_dir / "final")
+            stage.save_student(Path(run.run_dir) / "final")
             metrics.scalar("eval/best_stsb_dev_spearman", score, state.step)
     state.best_dev = distributed.broadcast_object(state.best_dev)
     distributed.barrier()
@@ -302,14 +297,17 @@ def _peak_gpu_memory(device: torch.device) -> dict:
     return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
-def _show_progress(args, env) -> bool:
-    return env.is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+def _show_progress(progress: str, env) -> bool:
+    return env.is_main and (progress == "on" or (progress == "auto" and sys.stderr.isatty()))
 
 
-def flags_record(args) -> dict:
-    """The run's flags as JSON values, for its config.json."""
-
-    def plain(v):
-        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
-
-    return {k: plain(v) for k, v in sorted(vars(args).items()) if k not in ("local_rank", "config")}
+def run_record(settings: TrainSettings, stage, env, precision: Precision, state: TrainState) -> dict:
+    """The run's config.json (and what its model card is written from): the flags as given, the precision decided,
+    the world size, the steps and the stage."""
+    return {
+        **settings.flags,
+        "world_size": env.world_size,
+        "precision_decision": precision.record(),
+        "total_steps": state.total_steps,
+        "stage": stage.name,
+    }

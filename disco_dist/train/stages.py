@@ -18,11 +18,10 @@ from ..data import token_ids
 from ..data.loader import ShardBatches, TripletBatches
 from ..data.shards import iter_shard_samples, read_index, verified_index
 from ..models.encoder import Encoder
-from ..models.masks import token_index
 from ..models.teacher import ZeroTeacher
-from ..models.unpadded import supports as supports_unpadded
 from .losses import LogitScale, TeacherQueue, ckd_loss, matryoshka_loss, mse_loss, sup_contrastive_loss
-from .widths import matryoshka_weights
+from .settings import TrainSettings
+from .student import STUDENT_INPUTS, Student, head_init_ridge, student_inputs
 
 
 class Stage:
@@ -72,120 +71,69 @@ class Stage:
         return {}
 
 
-STUDENT_INPUTS = ("input_ids", "attention_mask", "token_index")
-
-
-def student_inputs(tokenized) -> dict:
-    """What the student's forward takes, made on the host with the batch: the token ids, the mask and the flat
-    positions of the real tokens (so the padding-free forward never asks the device for them)."""
-    mask = tokenized["attention_mask"]
-    return {"input_ids": tokenized["input_ids"], "attention_mask": mask, "token_index": token_index(mask)}
-
-
-class Student(nn.Module):
-    """What the engine trains: the encoder, a projection head (stage 1) and the loss's learnable scale; with
-    Matryoshka widths `dims` (widest first, the encoder's full width), the prefix of each narrower width
-    through its own head in `prefix_heads` ({width: head}; a width without one is used as is)."""
-
-    def __init__(self, encoder: Encoder, head=None, scale=None, bf16=False, unpadded="off", dims=(), prefix_heads=()):
-        super().__init__()
-        self.encoder, self.head, self.scale, self.bf16 = encoder, head, scale, bf16
-        self.dims = tuple(dims) or (encoder.dim,)
-        if self.dims[0] != encoder.dim or any(not 0 < d < encoder.dim for d in self.dims[1:]):
-            raise UserError(
-                f"--matryoshka-dims {' '.join(map(str, self.dims))}: the widest must be the student's width, "
-                f"{encoder.dim}, the others narrower"
-            )
-        self.prefix_heads = nn.ModuleDict({str(d): h for d, h in dict(prefix_heads).items()})
-        # --unpadded auto: the padding-free forward where the architecture has one (BERT family; see unpadded.py)
-        encoder.unpadded = unpadded == "auto" and encoder.pooling != "pooler" and supports_unpadded(encoder.model)
-
-    @classmethod
-    def for_run(cls, args, encoder: Encoder, head=None, scale=None, prefix_heads=()) -> "Student":
-        widths = matryoshka_weights(args.matryoshka_dims, args.matryoshka_weights) or ()
-        if args.freeze_word_embeddings:
-            encoder.model.get_input_embeddings().requires_grad_(False)
-        return cls(encoder, head, scale, args.precision == "bf16", args.unpadded, [d for d, _ in widths], prefix_heads)
-
-    def forward(self, input_ids, attention_mask, token_index=None) -> tuple:
-        """fp32 embeddings, unnormalised (the losses normalise themselves), one per width of `dims` (one without
-        Matryoshka); with bf16, computed under autocast on the fp32 weights (mixed precision: the weights,
-        gradients and losses stay fp32). `token_index`: see Encoder.forward."""
-        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pooled = self.encoder(input_ids, attention_mask, normalize=False, token_index=token_index)
-            outs = [self.head(pooled) if self.head is not None else pooled]
-            for d in self.dims[1:]:
-                head = self.prefix_heads[str(d)] if str(d) in self.prefix_heads else None
-                outs.append(head(pooled[:, :d]) if head is not None else pooled[:, :d])
-        return tuple(out.float() for out in outs)
-
-
-def head_init_ridge(head: nn.Linear, features: torch.Tensor, targets: torch.Tensor, strength: float = 1e-3) -> None:
-    """Set the projection head to the ridge-regularised least-squares map from student to teacher embeddings,
-    so the head starts where it does not disturb the pretrained student. Pooled features are close to rank
-    deficient (a plain lstsq there returns huge, unstable weights that blow training up), hence the ridge:
-    `strength` times the mean feature variance on the diagonal."""
-    x, y = features.double(), targets.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
-    ridge = strength * gram.diagonal().mean()
-    weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), xc.T @ yc)  # (in, out)
-    with torch.no_grad():
-        head.weight.copy_(weight.T.float())
-        head.bias.copy_((y_mean - x_mean @ weight).float())
-
-
 class Distill(Stage):
     """Stage 1: the student (plus a projection head) learns to reproduce the frozen teacher's embeddings."""
 
     name = "distill"
 
-    def __init__(self, args, env):
-        self.args, self.env = args, env
-        index = verified_index(read_index(args.shards), env.rank, env.world_size, args.bad_shards)
+    def __init__(self, settings: TrainSettings, env):
+        self.settings, self.env = settings, env
+        index = verified_index(read_index(settings.data.shards), env.rank, env.world_size, settings.data.bad_shards)
         self.skipped_shards, self.index = index.skipped, index
-        mode = args.teacher_mode if args.teacher_mode != "auto" else ("cached" if index.teacher else "online")
+        mode = (
+            settings.data.teacher_mode
+            if settings.data.teacher_mode != "auto"
+            else ("cached" if index.teacher else "online")
+        )
         if mode == "cached" and not index.teacher:
             raise UserError(
-                f"--teacher-mode cached: {args.shards} holds no teacher embeddings; make them with "
+                f"--teacher-mode cached: {settings.data.shards} holds no teacher embeddings; make them with "
                 "`deepspeed launchers/cache_teacher.py` or use --teacher-mode online"
             )
         self.mode = mode
-        encoder = Encoder.from_pretrained(args.student, max_length=args.max_length, keep=args.keep_layers)
+        encoder = Encoder.from_pretrained(
+            settings.student.model, max_length=settings.student.max_length, keep=settings.student.keep_layers
+        )
         # the student exists before the teacher's ZeRO-3 loading context opens (it is process-global)
         self.teacher = None
         if mode == "online":
-            self.teacher = ZeroTeacher.from_args(args, env.device)
+            self.teacher = ZeroTeacher.from_settings(settings.teacher, env.device)
             teacher_dim = self.teacher.dim
         else:
             teacher_dim = index.teacher["dim"]
-        self.widths = matryoshka_weights(args.matryoshka_dims, args.matryoshka_weights) or [(encoder.dim, 1.0)]
+        self.widths = settings.student.widths or [(encoder.dim, 1.0)]
         head, prefix_heads = self._heads(encoder, teacher_dim, index)
-        if args.keep_head and (head is None or encoder.dense is not None):
+        if settings.student.keep_head and (head is None or encoder.dense is not None):
             raise UserError(
                 "--keep-head: this run has no head of its own to keep (--head none)"
                 if head is None
-                else f"--keep-head: the student {args.student} already has a Dense head; start from its encoder alone"
+                else f"--keep-head: the student {settings.student.model} already has a Dense head; start from its "
+                "encoder alone"
             )
-        self.saved_head = head if args.keep_head else None
-        scale = LogitScale(args.logit_scale, learnable=not args.fixed_logit_scale) if args.loss == "ckd" else None
-        self.student = Student.for_run(args, encoder, head, scale, prefix_heads).to(env.device)
-        self.queue = TeacherQueue(args.queue_size if args.loss == "ckd" else 0, teacher_dim, device=env.device)
-        if args.prefill_queue:  # benchmarks: time a long run's full-queue steps from step 1
+        self.saved_head = head if settings.student.keep_head else None
+        scale = (
+            LogitScale(settings.loss.logit_scale, learnable=not settings.loss.fixed_logit_scale)
+            if settings.loss.loss == "ckd"
+            else None
+        )
+        self.student = Student.for_run(settings, encoder, head, scale, prefix_heads).to(env.device)
+        self.queue = TeacherQueue(
+            settings.loss.queue_size if settings.loss.loss == "ckd" else 0, teacher_dim, device=env.device
+        )
+        if settings.loss.prefill_queue:  # benchmarks: time a long run's full-queue steps from step 1
             self.queue.push(
                 torch.nn.functional.normalize(torch.randn(self.queue.size, teacher_dim), dim=-1).to(env.device)
             )
         self.loader = ShardBatches(
             index,
-            args.batch_size,
+            settings.run.batch_size,
             env.rank,
             env.world_size,
             self.collate,
-            seed=args.seed,
-            shuffle_buffer=args.shuffle_buffer,
-            length_bucket=args.length_bucket,
-            num_workers=args.num_workers,
+            seed=settings.run.seed,
+            shuffle_buffer=settings.data.shuffle_buffer,
+            length_bucket=settings.data.length_bucket,
+            num_workers=settings.data.num_workers,
             with_ids=token_ids.usable(index, encoder),
         )
         note = token_ids.mismatch_note(index, encoder)
@@ -197,15 +145,14 @@ class Distill(Stage):
     def _heads(self, encoder: Encoder, teacher_dim: int, index) -> tuple:
         """The projection head of the full width (None with --head none) and one per narrower Matryoshka
         width ({width: head}), each initialised by the ridge fit on its prefix of the student's embeddings."""
-        args = self.args
-        if args.head == "none" and encoder.dim != teacher_dim:
+        if self.settings.student.head == "none" and encoder.dim != teacher_dim:
             raise UserError(
                 f"--head none: the student is {encoder.dim} wide, the teacher {teacher_dim}; "
                 "use --head linear to project"
             )
-        widths = [d for d, _ in self.widths[1:]] + ([] if args.head == "none" else [encoder.dim])
+        widths = [d for d, _ in self.widths[1:]] + ([] if self.settings.student.head == "none" else [encoder.dim])
         heads = {d: nn.Linear(d, teacher_dim) for d in widths}
-        if args.head_init == "lstsq" and heads:
+        if self.settings.student.head_init == "lstsq" and heads:
             texts, targets = self._head_samples(index)
             features = encoder.encode(texts, batch_size=128, normalize=False)
             for d, head in heads.items():
@@ -215,7 +162,10 @@ class Distill(Stage):
     def _head_samples(self, index):
         """N sentences of the shards (the same on every rank) and their teacher embeddings: the first N with
         seed 0, the N after the first seed x N with another seed (the first N if the shards hold too few)."""
-        wanted, skip = self.args.head_init_samples, self.args.head_init_samples * self.args.seed
+        wanted, skip = (
+            self.settings.student.head_init_samples,
+            self.settings.student.head_init_samples * self.settings.run.seed,
+        )
         samples, first = [], []
         for position, (text, teacher) in enumerate(iter_shard_samples(index)):
             if position < wanted:
@@ -257,7 +207,7 @@ class Distill(Stage):
         uninterrupted run did, and drops 8 and 9 (trained before the checkpoint). A teacher's output for a
         sentence depends at the last bit on the other sentences of its forward (padding length, matrix
         shapes), so a resume that regrouped them trained on slightly different targets."""
-        per_forward = max(1, self.teacher.batch_size // self.args.batch_size)
+        per_forward = max(1, self.teacher.batch_size // self.settings.run.batch_size)
         group_start = start - start % per_forward
         group = []
         for batch in self.loader.batches(epoch, group_start):
@@ -283,22 +233,22 @@ class Distill(Stage):
         device = self.env.device
         teacher = to_device(batch["teacher"], device)
         outputs = engine(*(to_device(batch[k], device) for k in STUDENT_INPUTS))
-        if self.args.loss == "ckd":
+        if self.settings.loss.loss == "ckd":
             with stopwatch.timing("comm"):
                 self._last_keys = distributed.all_gather_no_grad(teacher)
         terms = {}
 
         def plain_loss(student, width):  # the loss of one width's output; its terms logged by name (and width)
-            if self.args.loss == "mse":
+            if self.settings.loss.loss == "mse":
                 found = {"mse": mse_loss(student, teacher)}
                 loss = found["mse"]
             else:
                 queue, valid = self.queue.negatives()
                 found = {"ckd": ckd_loss(student, self._last_keys, engine.module.scale(), queue, queue_valid=valid)}
                 loss = found["ckd"]
-                if self.args.mse_weight:
+                if self.settings.loss.mse_weight:
                     found["mse"] = mse_loss(student, teacher)
-                    loss = loss + self.args.mse_weight * found["mse"]
+                    loss = loss + self.settings.loss.mse_weight * found["mse"]
             suffix = f"@{width}" if len(self.widths) > 1 else ""
             terms.update({f"{name}{suffix}": value for name, value in found.items()})
             return loss
@@ -319,7 +269,7 @@ class Distill(Stage):
 
     def used(self) -> dict:
         teacher = self.teacher.describe()["model"] if self.teacher is not None else self.index.teacher["model"]
-        source = Path(str(self.index.meta.get("source", self.args.shards))).name
+        source = Path(str(self.index.meta.get("source", self.settings.data.shards))).name
         return {"teacher": teacher, "data": f"{self.index.total:,} sentences of {source}"}
 
     def gauges(self) -> dict:
@@ -346,24 +296,28 @@ class Finetune(Stage):
 
     name = "finetune"
 
-    def __init__(self, args, env):
+    def __init__(self, settings: TrainSettings, env):
         from ..data.nli import read_nli_triplets
 
-        self.args, self.env = args, env
-        triplets = read_nli_triplets(args.nli, args.data_root)
-        if args.max_triplets:
-            triplets = tuple(column[: args.max_triplets] for column in triplets)
-        encoder = Encoder.from_pretrained(args.student, max_length=args.max_length, keep=args.keep_layers)
-        if encoder.dense is not None and args.student_head != "through":  # see config_output.STUDENT_HEAD
-            self.saved_head = encoder.dense.requires_grad_(False) if args.student_head == "frozen" else None
+        self.settings, self.env = settings, env
+        triplets = read_nli_triplets(settings.data.nli, settings.run.data_root)
+        if settings.data.max_triplets:
+            triplets = tuple(column[: settings.data.max_triplets] for column in triplets)
+        encoder = Encoder.from_pretrained(
+            settings.student.model, max_length=settings.student.max_length, keep=settings.student.keep_layers
+        )
+        if encoder.dense is not None and settings.student.student_head != "through":  # see config_output.STUDENT_HEAD
+            self.saved_head = encoder.dense.requires_grad_(False) if settings.student.student_head == "frozen" else None
             encoder.dense = None
-        self.widths = matryoshka_weights(args.matryoshka_dims, args.matryoshka_weights) or [(encoder.dim, 1.0)]
-        scale = LogitScale(1.0 / args.temperature, learnable=args.learnable_temperature)
-        self.student = Student.for_run(args, encoder, None, scale).to(env.device)
-        self.loader = TripletBatches(triplets, args.batch_size, env.rank, env.world_size, self.collate, seed=args.seed)
+        self.widths = settings.student.widths or [(encoder.dim, 1.0)]
+        scale = LogitScale(1.0 / settings.loss.temperature, learnable=settings.loss.learnable_temperature)
+        self.student = Student.for_run(settings, encoder, None, scale).to(env.device)
+        self.loader = TripletBatches(
+            triplets, settings.run.batch_size, env.rank, env.world_size, self.collate, seed=settings.run.seed
+        )
 
     def collate(self, anchors, positives, negatives):
-        texts = anchors + positives + ([] if self.args.no_hard_negatives else negatives)
+        texts = anchors + positives + ([] if self.settings.data.no_hard_negatives else negatives)
         batch = self.student.encoder.tokenize(texts)  # one forward for all three columns
         return {
             **student_inputs(batch),
@@ -378,7 +332,7 @@ class Finetune(Stage):
         size, terms = batch["size"], {}
 
         def plain_loss(embeddings, width):
-            negative = None if self.args.no_hard_negatives else embeddings[2 * size :]
+            negative = None if self.settings.data.no_hard_negatives else embeddings[2 * size :]
             terms[f"sup_contrastive@{width}" if len(self.widths) > 1 else "sup_contrastive"] = loss = (
                 sup_contrastive_loss(
                     embeddings[:size],
