@@ -20,10 +20,18 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export TOKENIZERS_PARALLELISM=false
 # multi-node NCCL: pick the right interface if the default is wrong, e.g. NCCL_SOCKET_IFNAME=ib0 (see README)
 
-# log_to_run_dir DIR: a copy of everything this job prints goes to DIR/slurm-<job id>.log
+# log_to_run_dir DIR: a copy of everything this job prints goes to DIR/slurm-<job id>.log, and every rank's error
+# line also to DIR/slurm-<job id>.errors, with its time and host (DISCO_ERROR_LOG): the job's output passes through
+# srun on its first node, so when that node is lost the other ranks' lines would be lost with it. A requeued run
+# starts by printing the earlier runs' error lines.
 log_to_run_dir() {
   mkdir -p "$1"
   exec > >(tee -a "$1/slurm-${SLURM_JOB_ID}.log") 2>&1
+  export DISCO_ERROR_LOG=$1/slurm-${SLURM_JOB_ID}.errors
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    echo "run $((SLURM_RESTART_COUNT + 1)) of SLURM job $SLURM_JOB_ID on $SLURM_JOB_NODELIST; what the ranks of its earlier runs said ($DISCO_ERROR_LOG):"
+    if [ -s "$DISCO_ERROR_LOG" ]; then sed 's/^/  /' "$DISCO_ERROR_LOG"; else echo "  nothing (no rank printed an error)"; fi
+  fi
 }
 
 # run_on_tasks LAUNCHER ARGS...: run launchers/LAUNCHER on every task of the job

@@ -200,14 +200,17 @@ def run_on_ranks(fn, world_size, tmp_path, *args):
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
+TEST_NODES = 3  # jobs run on two; the third takes a requeued job while a lost node is down
+
+
 def start_cluster() -> dict:
-    """The local SLURM cluster with its two namespace nodes (slurm/local-cluster.sh start --nodes 2, idempotent;
+    """The local SLURM cluster with its three namespace nodes (slurm/local-cluster.sh start --nodes 3, idempotent;
     .ci/run starts it the same way): the environment its commands need."""
     if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
         pytest.skip("SLURM packages not installed (slurm/local-cluster.sh install; .ci/run does it)")
     cluster = REPO / "slurm" / "local-cluster.sh"
     started = subprocess.run(
-        ["bash", str(cluster), "start", "--nodes", "2"], capture_output=True, text=True, timeout=300
+        ["bash", str(cluster), "start", "--nodes", str(TEST_NODES)], capture_output=True, text=True, timeout=300
     )
     assert started.returncode == 0, started.stderr
     conf = [line.split("=", 1)[1] for line in started.stdout.splitlines() if line.startswith("export SLURM_CONF=")][0]

@@ -1,14 +1,16 @@
-"""Across two SLURM nodes: the local cluster's namespace nodes (slurm/local-cluster.sh start --nodes 2: each node its
-own network stack, hostname and address on a bridge), one rank per node, against the same job on one node."""
+"""Across two SLURM nodes: the local cluster's namespace nodes (slurm/local-cluster.sh start --nodes 3: each node its
+own network stack, hostname and address on a bridge), one rank per node, against the same job on one node; and the
+nodes lost under a running job."""
 
 import json
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_same_weights, build_tiny_run_inputs, scalars, start_cluster
+from conftest import REPO, TEST_NODES, assert_same_weights, build_tiny_run_inputs, scalars, start_cluster
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 
@@ -17,7 +19,7 @@ CLUSTER = REPO / "slurm" / "local-cluster.sh"
 def cluster():
     env = start_cluster()
     nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N %T"], capture_output=True, text=True, env=env)
-    assert nodes.stdout.split() == ["disco-n1", "idle", "disco-n2", "idle"], nodes.stdout + nodes.stderr
+    assert nodes.stdout.split() == ["disco-n1", "idle", "disco-n2", "idle", "disco-n3", "idle"], nodes.stdout
     return env
 
 
@@ -262,29 +264,54 @@ def job_history(job, env, within: float) -> list:
         time.sleep(1)
 
 
-def lose_node_n2(how: str, job: str, log: Path, cluster: dict) -> tuple:
-    """Lose node disco-n2 while `job` runs, crashed (every process of the node killed) or silent (its link taken
-    down), wait for the job to leave RUNNING, then bring the node back. (time lost, seconds to the job's end, its
-    log then)."""
+@contextmanager
+def node_lost(node: str, how: str, cluster: dict):
+    """Lose `node` inside the block, crashed (every process of the node killed: its slurmd, the job's steps) or silent
+    (its link taken down: nothing answers, nothing is closed); the time it was lost. On leaving, the node comes
+    back: its link, its slurmd (the start waits up to 90 s for the nodes), its state."""
+    link = "disco-v" + node.removeprefix("disco-n")
     lost_at = time.time()
     try:
         if how == "crashed":
-            subprocess.run(["kill", "-9", *node_pids("disco-n2")], check=True)
+            subprocess.run(["kill", "-9", *node_pids(node)], check=True)
         else:
-            subprocess.run(["ip", "link", "set", "disco-v2", "down"], check=True)
-        while job_state(job, cluster) == "RUNNING":
-            assert time.time() - lost_at < 120, log.read_text()[-3000:]
-            time.sleep(0.5)
-        ended_after = time.time() - lost_at
-        lost = log.read_text()
-    finally:  # the node comes back: its link, its slurmd (the start waits up to 90 s for the nodes), its state
-        subprocess.run(["ip", "link", "set", "disco-v2", "up"], check=True)
+            subprocess.run(["ip", "link", "set", link, "down"], check=True)
+        yield lost_at
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
         back = subprocess.run(
-            ["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=240
+            ["bash", str(CLUSTER), "start", "--nodes", str(TEST_NODES)], capture_output=True, text=True, timeout=240
         )
-        subprocess.run(["scontrol", "update", "nodename=disco-n2", "state=resume"], env=cluster, capture_output=True)
-    assert back.returncode == 0, f"the node's restart failed: {back.stderr}"
-    return lost_at, ended_after, lost
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=cluster, capture_output=True)
+        assert back.returncode == 0, f"the node's restart failed: {back.stderr}"
+
+
+def seconds_until_it_leaves_running(job: str, lost_at: float, log: Path, cluster: dict) -> float:
+    """Wait for `job` to leave RUNNING after a node was lost (at most 120 s); the seconds since the loss."""
+    while job_state(job, cluster) == "RUNNING":
+        assert time.time() - lost_at < 120, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return time.time() - lost_at
+
+
+def requeued_to_completion(job: str, lost_at: float, log: Path, cluster: dict) -> str:
+    """Wait for the requeued `job` to run again and end (at most 300 s after the loss); assert that sacct shows it
+    COMPLETED after an earlier run; its log."""
+    while job_state(job, cluster):  # requeued by SLURM (pending), then running again
+        assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
+        time.sleep(1)
+    states = job_history(job, cluster, within=60)
+    text = log.read_text()
+    assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
+    return text
+
+
+def lost_in_one_line(text: str, rank: int, lost: str, then: str) -> str:
+    """The one error line of `rank` in `text`, naming the `lost` rank and node and ending with what to do `then`."""
+    lines = [line for line in text.splitlines() if f"error: rank {rank}:" in line]
+    assert len(lines) == 1 and lost in lines[0], text[-3000:]
+    assert then in lines[0], lines[0]
+    return lines[0]
 
 
 def submit(script: str, env: dict, log: Path, *args) -> str:
@@ -302,9 +329,8 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
 ):
     """Node disco-n2 lost mid-run, the two ways a node is lost: crashed (every process of the node killed) or
     silent (its link taken down: nothing answers). The running job ends within 60 s with one line naming the lost
-    rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue); once the node is
-    back, the same job resumes there and ends with the uninterrupted run's weights (1e-5), every batch trained
-    exactly once (sample logs)."""
+    rank and node and the last complete checkpoint; SLURM requeues it (ckd.sbatch has --requeue), the same job
+    resumes and ends with the uninterrupted run's weights (1e-5), every batch trained exactly once (sample logs)."""
     from disco_dist.train.metrics import read_sample_logs
 
     root, student, teacher, _ = tiny
@@ -319,18 +345,65 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     while not (log.exists() and "step 12/" in log.read_text()):
         assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
         time.sleep(0.2)
-    lost_at, ended_after, lost = lose_node_n2(how, job, log, cluster)
+    with node_lost("disco-n2", how, cluster) as lost_at:
+        ended_after = seconds_until_it_leaves_running(job, lost_at, log, cluster)
+        lost = log.read_text()
     print(f"{how}: the run ended {ended_after:.1f} s after the node was lost")
     assert ended_after < 60, lost[-3000:]
-    lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
-    assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
-    assert f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-" in lines[0], lines[0]
-    while job_state(job, cluster):  # requeued by SLURM (pending); it runs again once disco-n2 is back
-        assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
-        time.sleep(1)
-    states = job_history(job, cluster, within=60)
-    text = log.read_text()
-    assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
+    checkpoint = f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-"
+    lost_in_one_line(lost, 0, "rank 1 on disco-n2", checkpoint)
+    text = requeued_to_completion(job, lost_at, log, cluster)
+    assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
+    assert_same_weights(final_weights(run / "ckd"), final_weights(uninterrupted))
+    assert read_sample_logs(run / "ckd") == read_sample_logs(uninterrupted)
+
+
+def job_nodes(job, env) -> str:
+    """The nodes of the job's last run, as sacct writes them (disco-n[2-3])."""
+    runs = subprocess.run(
+        ["sacct", "-D", "-j", job, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True, env=env
+    )
+    return runs.stdout.split()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["crashed", "silent"])
+def test_the_first_node_lost_mid_run_is_named_by_the_other_rank_and_the_job_finishes_on_the_nodes_that_are_up(
+    how, cluster, tiny, uninterrupted, tmp_path
+):
+    """Node disco-n1 lost mid-run, crashed or silent: the job's first node, where rank 0, the rendezvous store, srun
+    and the batch script live. The job leaves RUNNING within 60 s. Rank 1 on disco-n2 names rank 0 on disco-n1 in
+    one line, kept in the job's errors file (its printed output went through srun on the lost node); SLURM requeues
+    the job onto the nodes that are up (disco-n2 and disco-n3, disco-n1 still down), its new run prints the first
+    run's line, resumes from the last complete checkpoint and ends with the uninterrupted run's weights (1e-5),
+    every batch trained exactly once (sample logs)."""
+    from disco_dist.train.metrics import read_sample_logs
+
+    root, student, teacher, _ = tiny
+    run = tmp_path / "run"
+    env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
+    env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
+    job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
+    log = run / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 12/" in log.read_text()):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
+        time.sleep(0.2)
+    with node_lost("disco-n1", how, cluster) as lost_at:
+        ended_after = seconds_until_it_leaves_running(job, lost_at, log, cluster)
+        text = requeued_to_completion(job, lost_at, log, cluster)  # while disco-n1 is down
+        resumed_after = time.time() - lost_at
+    print(
+        f"{how} first node: the run ended {ended_after:.1f} s after the loss, the requeued job finished after "
+        f"{resumed_after:.1f} s"
+    )
+    assert ended_after < 60, text[-3000:]
+    errors = (run / f"slurm-{job}.errors").read_text()
+    checkpoint = f"the last complete checkpoint is {run / 'ckd' / 'checkpoints'}/step-"
+    line = lost_in_one_line(errors, 1, "rank 0 on disco-n1", checkpoint)
+    assert line.split()[1] == "disco-n2", errors
+    assert line.split(" ", 2)[2] in text, text[-3000:]  # the requeued run printed it at its start
+    assert job_nodes(job, cluster) == "disco-n[2-3]"
     assert "resumed from" in text and "finished: 50 steps" in text, text[-3000:]
     assert_same_weights(final_weights(run / "ckd"), final_weights(uninterrupted))
     assert read_sample_logs(run / "ckd") == read_sample_logs(uninterrupted)
@@ -371,19 +444,14 @@ def test_a_node_lost_mid_cache_pass_ends_it_fast_and_the_requeued_pass_continues
     while len(shard_bytes(out)) < 2:  # each rank's first group written
         assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
         time.sleep(0.2)
-    lost_at, ended_after, lost = lose_node_n2(how, job, log, cluster)
+    with node_lost("disco-n2", how, cluster) as lost_at:
+        ended_after = seconds_until_it_leaves_running(job, lost_at, log, cluster)
+        lost = log.read_text()
     print(f"{how}: the cache pass ended {ended_after:.1f} s after the node was lost")
     assert ended_after < 60, lost[-3000:]
-    lines = [line for line in lost.splitlines() if line.startswith("error: rank 0:")]
-    assert len(lines) == 1 and "rank 1 on disco-n2" in lines[0], lost[-3000:]
-    assert f"the shards finished so far in {out} are kept; rerun the same command to continue" in lines[0], lines[0]
-    kept = len(shard_bytes(out))
-    assert 2 <= kept < 8, lost[-3000:]
-    while job_state(job, cluster):  # requeued by SLURM (pending); it runs again once disco-n2 is back
-        assert time.time() - lost_at < 300, queue_and_nodes(job, cluster) + log.read_text()[-3000:]
-        time.sleep(1)
-    states = job_history(job, cluster, within=60)
-    text = log.read_text()
-    assert states[-1] == "COMPLETED" and len(states) >= 2, f"{states}\n{job_story(job, cluster)}{text[-4000:]}"
+    kept = f"the shards finished so far in {out} are kept; rerun the same command to continue"
+    lost_in_one_line(lost, 0, "rank 1 on disco-n2", kept)
+    assert 2 <= len(shard_bytes(out)) < 8, lost[-3000:]
+    text = requeued_to_completion(job, lost_at, log, cluster)
     assert f"continuing {out}: " in text, text[-3000:]
     assert shard_bytes(out) == shard_bytes(whole_cache)

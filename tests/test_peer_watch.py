@@ -53,3 +53,36 @@ def test_a_lost_peer_s_line_carries_the_library_s_message_whole_and_what_is_kept
     assert "pair.cc" not in line and "Exception raised" not in line
     assert line.endswith("see its log; the shards finished so far in out are kept")
     assert lost_peer_error(RuntimeError("shape mismatch"), lambda: 1 / 0) is None  # another error: no hint asked for
+
+
+WATCHED_RANK_1 = """
+import torch
+from disco_dist.bench.peer_watch_load import CountedStore, Env
+from disco_dist.cluster import distributed
+from disco_dist.cluster.peer_watch import PeerWatch
+master = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+distributed.HOSTS[:] = ["node-a", "node-b"]
+store = CountedStore(master.port, 1.0)
+watch = PeerWatch(Env(1, 2), lambda: "the last complete checkpoint is ck", 0.2, 1.5, store=store)
+store.silent.set()  # rank 0's node (and the store it holds) stops answering
+import time; time.sleep(30)
+"""
+
+
+def test_a_rank_that_loses_rank_0_s_store_says_so_in_one_line_kept_in_the_error_log(tmp_path):
+    """Rank 0's node holds the rendezvous store: when it stops answering, rank 1 leaves with one line naming rank 0,
+    its host and the store, and the line is also appended, with the time and host, to DISCO_ERROR_LOG (the file the
+    SLURM batch scripts keep beside the job's log, which survives the first node's srun)."""
+    import os
+    import subprocess
+    import sys
+
+    errors = tmp_path / "slurm-7.errors"
+    env = {**os.environ, "DISCO_ERROR_LOG": str(errors)}
+    run = subprocess.run([sys.executable, "-c", WATCHED_RANK_1], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2, run.stderr[-2000:]
+    line = "error: rank 1: lost rank 0 on node-a: the rendezvous store it holds has not answered for 2 s"
+    assert run.stderr.startswith(line) and "; the last complete checkpoint is ck once" in run.stderr, run.stderr
+    kept = errors.read_text().splitlines()
+    assert len(kept) == 1 and kept[0].split(" ", 2)[2] == run.stderr.strip(), kept
+    assert kept[0].split()[1] == os.uname().nodename

@@ -16,13 +16,13 @@ a loss. `python -m disco_dist.bench.peer_watch_load` measures the store's load a
 
 import datetime
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
+from ..core.errors import say_error
 from . import distributed
 
 DONE = 1 << 40  # a finished rank's counter jumps past this
@@ -56,6 +56,7 @@ class PeerWatch:
         self.watching = (self._after(self.rank), 0, time.monotonic() + self.patience)
         self.published = None  # (rank, seconds, leave at): the loss the first watcher to find one published
         self.stopped = threading.Event()
+        self.store_silent = False  # the loss is the store's own silence, not a neighbour's counter
         self.store = None
         if self.world > 1:
             self.store = store or torch.distributed.TCPStore(
@@ -98,6 +99,7 @@ class PeerWatch:
             target, count, since = self.watching
             if self.published is None and now - self.last_ok > self.patience:
                 lost = (0, now - self.last_ok, time.time())  # no answer from the store, which rank 0 holds
+                self.store_silent = True
             elif self.published is None and target is not None and self.last_ok - since > self.patience:
                 # silent as seen by this rank's own reads that succeeded: a rank that cannot read blames no neighbour
                 lost = self._publish(target, count, self.last_ok - since)
@@ -130,11 +132,15 @@ class PeerWatch:
     def _exit(self, rank: int, seconds: float) -> None:
         if rank == self.rank:
             what = f"the other ranks had no heartbeat from this rank for {seconds:.0f} s (its node or network stalled)"
+        elif self.store_silent:
+            host = distributed.HOSTS[0] if distributed.HOSTS else "its node"
+            what = f"lost rank 0 on {host}: the rendezvous store it holds has not answered for {seconds:.0f} s (its "
+            what += "node crashed, froze or lost its network, or this node lost its own)"
         else:
             host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
             what = f"lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, froze or lost "
             what += "its network)"
-        print(f"error: rank {self.rank}: {what}; {self.hint()} once the node is back", file=sys.stderr, flush=True)
+        say_error(f"error: rank {self.rank}: {what}; {self.hint()} once the node is back")
         os._exit(2)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
 
     def stop(self) -> None:
