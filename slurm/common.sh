@@ -41,12 +41,35 @@ log_to_run_dir() {
 # StepId=13.0" on the returned node, 61 s after "RPC:REQUEST_SIGNAL_TASKS : Communication connection failure").
 # So run k of a job (k = SLURM_RESTART_COUNT; each run launches one step) first spends step numbers 0 .. k-1 on
 # a one-task step each, and its own step is <job>.k, a number no earlier run used.
+# A run that fails although no rank stopped on something to fix -- every line its ranks kept in DISCO_ERROR_LOG says
+# `exit 75` (another rank was lost), or none said anything (a rank was killed: the OOM killer, a node's trouble) --
+# is requeued, up to DISCO_MAX_RESTARTS (default 3) times a job; it resumes from what is kept (--resume auto, the
+# finished shards). A line with another code (a bad flag, a corrupt shard, a full disk; 3: pre-empted, already
+# requeued) ends the job.
 run_on_tasks() {
-  local spent
+  local spent said=0 status=0
   for ((spent = 0; spent < ${SLURM_RESTART_COUNT:-0}; spent++)); do
     srun --nodes=1 --ntasks=1 --cpu-bind=none true || true  # a stale signal may end it: it has nothing to lose
   done
-  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}"
+  [ -f "${DISCO_ERROR_LOG:-}" ] && said=$(wc -l < "$DISCO_ERROR_LOG")
+  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" "launchers/$1" "${@:2}" || status=$?
+  [ "$status" = 0 ] && return 0
+  requeue_if_nothing_to_fix "$said" "$status"
+  return "$status"
+}
+
+# requeue_if_nothing_to_fix LINES STATUS: requeue this job when the ranks' lines past the first LINES of
+# DISCO_ERROR_LOG all say exit 75, within DISCO_MAX_RESTARTS
+requeue_if_nothing_to_fix() {
+  local restarts=${SLURM_RESTART_COUNT:-0} limit=${DISCO_MAX_RESTARTS:-3} other=""
+  [ -f "${DISCO_ERROR_LOG:-}" ] && other=$(tail -n "+$(($1 + 1))" "$DISCO_ERROR_LOG" | grep -v '^[^ ]* [^ ]* exit 75: ' || true)
+  [ -z "$other" ] || return 0
+  if [ "$restarts" -ge "$limit" ]; then
+    echo "the run failed (srun exit $2) after $restarts restart(s), the most DISCO_MAX_RESTARTS=$limit allows: not requeued; see $DISCO_ERROR_LOG"
+    return 0
+  fi
+  echo "the run failed (srun exit $2): a rank was lost or killed, nothing to fix; requeueing SLURM job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $limit, DISCO_MAX_RESTARTS)"
+  scontrol requeue "$SLURM_JOB_ID" || true  # a job SLURM already requeued (its node failed) is left as it is
 }
 
 # recipe KEY: a value of the demo recipe (recipes/demo.json): the batch scripts' defaults come from it

@@ -5,7 +5,7 @@
 # one folder, $DISCO_SLURM_HOME (default: .cache/slurm in the repository).
 #
 #   slurm/local-cluster.sh start     # idempotent; prints the SLURM_CONF line to export
-#   slurm/local-cluster.sh start --nodes 2   # also 2 "nodes" disco-n1, disco-n2 (partition multi), see below
+#   slurm/local-cluster.sh start --nodes 3   # also 3 "nodes" disco-n1..3 (partition multi), see below
 #   slurm/local-cluster.sh status
 #   slurm/local-cluster.sh stop      # ends only the daemons it started, by their pid files; removes the network
 #   slurm/local-cluster.sh install   # apt-get the packages (root)

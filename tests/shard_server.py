@@ -1,6 +1,7 @@
 """A real HTTP server on 127.0.0.1 for the shard-streaming tests: serves a folder, and cuts the connection
 part-way through the first responses for the files it is told to (as a flaky network or a restarted proxy does),
-or sends more than the file for those in `pad` (a server that lies: N more bytes, announced or chunked).
+or sends more than the file for those in `pad` (a server that lies: N more bytes, announced or chunked); the soak
+(tests/soak.py) has it cut whichever shard is asked for next, once.
 
     with ShardServer(folder, cut={"shard-000002.tar": 1}, pad={"shard-000004.tar": 4096}) as server:
         server.url      # http://127.0.0.1:PORT
@@ -22,6 +23,10 @@ class _Handler(SimpleHTTPRequestHandler):
             cut = self.server.cut.get(name, 0) > 0
             if cut:
                 self.server.cut[name] -= 1
+            elif self.server.cut_next and name.endswith(".tar"):  # the next shard asked for, whichever it is
+                self.server.cut_next -= 1
+                self.server.cut_log.append(name)
+                cut = True
         file = Path(self.directory) / self.path.split("?")[0].lstrip("/")
         pad = self.server.pad.get(name, 0)
         if pad and file.is_file():
@@ -62,16 +67,26 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class ShardServer:
-    def __init__(self, folder, cut: dict | None = None, chunked: bool = False, pad: dict | None = None):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
+    def __init__(self, folder, cut: dict | None = None, chunked=False, pad: dict | None = None, host="127.0.0.1"):
+        self.server = ThreadingHTTPServer((host, 0), functools.partial(_Handler, directory=str(folder)))
         self.server.gets, self.server.cut, self.server.lock = Counter(), dict(cut or {}), threading.Lock()
         self.server.chunked, self.server.pad = chunked, dict(pad or {})
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server.cut_next, self.server.cut_log = 0, []
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def gets(self) -> Counter:
         return self.server.gets
+
+    def cut_the_next_shard(self) -> None:
+        """The next shard any reader asks for is cut part-way, once (`cut_log` names it)."""
+        with self.server.lock:
+            self.server.cut_next += 1
+
+    @property
+    def cut_log(self) -> list:
+        return self.server.cut_log
 
     def __enter__(self):
         self.thread.start()

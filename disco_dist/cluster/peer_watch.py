@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.errors import say_error
+from ..core.errors import EXIT_RETRY, say_error
 from . import distributed
 
 DONE = 1 << 40  # a finished rank's counter jumps past this
@@ -140,8 +140,8 @@ class PeerWatch:
             host = distributed.HOSTS[rank] if rank < len(distributed.HOSTS) else "its node"
             what = f"lost rank {rank} on {host}: no heartbeat for {seconds:.0f} s (its node crashed, froze or lost "
             what += "its network)"
-        say_error(f"error: rank {self.rank}: {what}; {self.hint()} once the node is back")
-        os._exit(2)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
+        say_error(f"error: rank {self.rank}: {what}; {self.hint()} once the node is back", EXIT_RETRY)
+        os._exit(EXIT_RETRY)  # a collective may hold the main thread; srun --kill-on-bad-exit ends the other tasks
 
     def stop(self) -> None:
         """This rank is done (finished or leaving on purpose): its watcher moves on to the next rank."""

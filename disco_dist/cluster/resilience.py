@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import RankError, UserError, exit_now
+from ..core.errors import PeerLost, UserError, exit_now, record_stop
 from . import distributed
 
 EXIT_PREEMPTED = 3
@@ -90,6 +90,7 @@ def requeue_after(stop: Preempted) -> None:
         if job:
             subprocess.run(["scontrol", "requeue", job], check=False)  # argv list: no shell
             print(f"requeued SLURM job {job}; it resumes from the checkpoint (--resume auto)", flush=True)
+            record_stop(f"{stop}; requeued SLURM job {job}", EXIT_PREEMPTED)  # not requeued twice
         else:
             print("rerun with --resume auto to continue", flush=True)
     exit_now(EXIT_PREEMPTED)
@@ -112,14 +113,14 @@ def lost_a_peer(err: RuntimeError) -> bool:
     )
 
 
-def lost_peer_error(err: RuntimeError, hint: Callable[[], str]) -> RankError | None:
+def lost_peer_error(err: RuntimeError, hint: Callable[[], str]) -> PeerLost | None:
     """The one line for a run whose peer is gone, ending with `hint()`: what is kept and how to go on (None when
     `err` is something else). A library's message goes in whole, its first line."""
     if not lost_a_peer(err):
         return None
     reason = re.sub(r"^\[[^\]]*\] ", "", str(err).splitlines()[0])  # whole, without gloo's source location
     peer = _peer_named_in(str(err))
-    return RankError(
+    return PeerLost(
         f"lost contact with another rank{f', {peer},' if peer else ''} ({reason}): it died or was killed, see its "
         f"log; {hint()}"
     )
@@ -215,10 +216,12 @@ class InjectedFaults:
     DISCO_KILL_RANK_AT_STEP=1:7 makes rank 1 SIGKILL itself in the middle of step 7 (after the forward,
     before the backward), first writing the time to <run-dir>/killed-at;
     DISCO_CACHE_GROUP_PAUSE=S makes the cache pass wait S seconds after each group of shards it wrote, so that a
-    test can lose a node between two groups."""
+    test can lose a node between two groups; DISCO_STEP_PAUSE=S makes every training step wait S seconds (in the
+    middle, as the kill), so that a fault injected from outside (tests/soak.py) lands at the step it chose."""
 
     def __init__(self):
         self.cache_pause = float(os.environ.get("DISCO_CACHE_GROUP_PAUSE", "0"))
+        self.step_pause = float(os.environ.get("DISCO_STEP_PAUSE", "0"))
         self.nan_batches = set(filter(None, os.environ.get("DISCO_INJECT_NAN_AT_BATCHES", "").split(",")))
         rank_step = os.environ.get("DISCO_KILL_RANK_AT_STEP")
         self.kill = tuple(int(x) for x in rank_step.split(":")) if rank_step else None
@@ -227,6 +230,8 @@ class InjectedFaults:
         return str(batch) in self.nan_batches
 
     def mid_step(self, rank: int, step: int, run_dir: Path) -> None:
+        if self.step_pause:
+            time.sleep(self.step_pause)
         if self.kill == (rank, step):
             (run_dir / "killed-at").write_text(f"{time.time()}\n")
             os.kill(os.getpid(), signal.SIGKILL)

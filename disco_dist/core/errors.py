@@ -7,8 +7,10 @@ rank alone met (its disk, its file) and is printed by that rank. A full disk or 
 line too.
 
 Where `DISCO_ERROR_LOG` names a file (the SLURM batch scripts set it to `RUN_DIR/slurm-<job>.errors`), every error
-line is also appended there, with the time and the host (`say_error`): the line of a rank whose printed output went
-through a node that is gone (srun and the job's log live on the job's first node) is still there to read.
+line is also appended there, with the time, the host and the exit code (`say_error`): the line of a rank whose
+printed output went through a node that is gone (srun and the job's log live on the job's first node) is still there
+to read. A rank that stops because another is gone (`PeerLost`) exits 75 (`EXIT_RETRY`): nothing to fix, the same
+command goes on.
 """
 
 import datetime
@@ -26,6 +28,18 @@ class UserError(Exception):
 class RankError(UserError):
     """A problem met by this rank alone: printed by it, with its rank."""
 
+    exit_code = 2
+
+
+EXIT_RETRY = 75  # EX_TEMPFAIL: nothing to fix, the same command goes on (the SLURM batch scripts requeue the job)
+
+
+class PeerLost(RankError):
+    """Another rank is gone (died, killed, its node lost): nothing the user must fix; rerunning the same command
+    (--resume auto) goes on from what is kept."""
+
+    exit_code = EXIT_RETRY
+
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -40,7 +54,8 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except RankError as err:
-            say_error(f"error: rank {_rank()}: {err}")
+            say_error(f"error: rank {_rank()}: {err}", err.exit_code)
+            exit_now(err.exit_code)
         except UserError as err:
             if _rank() == "0":  # one line, not one per rank
                 say_error(f"error: {err}")
@@ -56,11 +71,17 @@ def exit_on_user_error(main):
     return wrapper
 
 
-def say_error(line: str) -> None:
-    """Print `line` to stderr and append it, with the time and this host, to the file `DISCO_ERROR_LOG` names (one
-    write of one line, so the lines of ranks on several nodes never interleave). A file that cannot be written
-    costs nothing but that copy."""
+def say_error(line: str, code: int = 2) -> None:
+    """Print `line` to stderr, and keep it in `DISCO_ERROR_LOG` (`record_stop`) with the exit code that follows."""
     print(line, file=sys.stderr, flush=True)
+    record_stop(line, code)
+
+
+def record_stop(line: str, code: int) -> None:
+    """Append `TIME HOST exit CODE: line` to the file `DISCO_ERROR_LOG` names, if any: one write of one line, so the
+    lines of ranks on several nodes never interleave. Exit 75 (`EXIT_RETRY`) says the same command goes on; the
+    SLURM batch scripts requeue a failed run whose ranks said nothing else. A file that cannot be written costs
+    nothing but that copy."""
     path = os.environ.get("DISCO_ERROR_LOG")
     if not path:
         return
@@ -68,7 +89,7 @@ def say_error(line: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{stamp} {socket.gethostname()} {line}\n".encode())
+            os.write(fd, f"{stamp} {socket.gethostname()} exit {code}: {line}\n".encode())
         finally:
             os.close(fd)
     except OSError:
