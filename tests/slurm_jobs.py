@@ -120,6 +120,21 @@ def submit(script: str, env: dict, log: Path, *args) -> str:
     return result.stdout.strip().split(";")[0]
 
 
+def sbatch(script, placement, env, log, *args, timeout=600):
+    """sbatch `script` and wait for it; its log (asserting it ended well)."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--wait", *placement, "--output", str(log), str(REPO / "slurm" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    text = log.read_text() if log.exists() else ""
+    assert result.returncode == 0, text[-3000:] + result.stderr
+    return text
+
+
 def job_nodes(job, env) -> str:
     """The nodes of the job's last run, as sacct writes them (disco-n[2-3])."""
     runs = subprocess.run(

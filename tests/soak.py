@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, slurm_jobs
 
 from conftest import REPO, assert_same_weights, build_tiny_run_inputs, start_cluster  # noqa: E402
 from shard_server import ShardServer  # noqa: E402
-from slurm_jobs import PLACEMENTS, job_history, job_state, job_story, node_lost, node_pids, submit  # noqa: E402
+from slurm_jobs import PLACEMENTS, job_history, job_state, job_story, node_lost, node_pids, sbatch, submit  # noqa: E402
 
 FAULTS = ("rank_killed", "node_crashed", "link_down_long", "link_down_short", "preempted", "shard_cut")
 ENDS_THE_RUN = {"rank_killed", "node_crashed", "link_down_long", "preempted"}  # the others: the run goes on
@@ -163,24 +163,14 @@ def soak(minutes: float, seed: int, out: Path) -> dict:
         reference = out / "uninterrupted"
         print(f"soak: {len(faults)} faults over {steps} steps (seed {seed}); the uninterrupted run first", flush=True)
         started = time.time()
-        ran = subprocess.run(
-            [
-                "sbatch",
-                "--parsable",
-                "--wait",
-                *PLACEMENTS["two-nodes"],
-                "--output",
-                str(out / "uninterrupted.out"),
-                str(REPO / "slurm" / "ckd.sbatch"),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            env={**base, "RUN_DIR": str(reference)},
-            cwd=REPO,
+        sbatch(
+            "ckd.sbatch",
+            PLACEMENTS["two-nodes"],
+            {**base, "RUN_DIR": str(reference)},
+            out / "uninterrupted.out",
+            *args,
             timeout=1800,
         )
-        assert ran.returncode == 0, ran.stderr + (out / "uninterrupted.out").read_text()[-3000:]
         uninterrupted_s = time.time() - started
 
         run = out / "soaked"

@@ -18,6 +18,7 @@ from slurm_jobs import (
     node_lost,
     queue_and_nodes,
     requeued_to_completion,
+    sbatch,
     seconds_until_it_leaves_running,
     submit,
 )
@@ -35,20 +36,6 @@ def cluster():
 def tiny(tmp_path_factory):
     sentences = [f"the {i} dog plays in the park with {i % 7} children" for i in range(400)]
     return build_tiny_run_inputs(tmp_path_factory.mktemp("multinode"), sentences, shard_size=50)
-
-
-def sbatch(script, placement, env, log, *args):
-    result = subprocess.run(
-        ["sbatch", "--parsable", "--wait", *placement, "--output", str(log), str(REPO / "slurm" / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    text = log.read_text() if log.exists() else ""
-    assert result.returncode == 0, text[-3000:] + result.stderr
-    return text
 
 
 def final_weights(run_dir):
@@ -223,6 +210,18 @@ def lost_in_one_line(text: str, rank: int, lost: str, then: str) -> str:
     return lines[0]
 
 
+def submitted_to_step_12(env: dict, run: Path, tmp_path: Path, cluster: dict) -> tuple:
+    """The CKD job of LOSS_ARGS on two nodes, once it is at step 12 of 50 (its last checkpoint: step 12); (its id,
+    its log)."""
+    job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
+    log = run / f"slurm-{job}.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 12/" in log.read_text()):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
+        time.sleep(0.2)
+    return job, log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["crashed", "silent"])
 def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_if_uninterrupted(
@@ -240,12 +239,7 @@ def test_a_node_lost_mid_run_ends_the_run_fast_and_the_requeued_job_finishes_as_
     # heartbeats give up after 8 s here: the test cluster's SlurmdTimeout is 10 s (a real one's default is 300 s,
     # against DISCO_PEER_TIMEOUT's default of 20 s)
     env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
-    job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
-    log = run / f"slurm-{job}.log"
-    deadline = time.time() + 240
-    while not (log.exists() and "step 12/" in log.read_text()):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
-        time.sleep(0.2)
+    job, log = submitted_to_step_12(env, run, tmp_path, cluster)
     with node_lost("disco-n2", how, cluster) as lost_at:
         ended_after = seconds_until_it_leaves_running(job, lost_at, log, cluster)
         lost = log.read_text()
@@ -276,12 +270,7 @@ def test_the_first_node_lost_mid_run_is_named_by_the_other_rank_and_the_job_fini
     run = tmp_path / "run"
     env = {**cluster, "SHARDS": str(root / "shards"), "STUDENT": str(student), "TEACHER": str(teacher)}
     env.update(KEEP_LAYERS="", RUN_DIR=str(run), DISCO_PEER_TIMEOUT="8")
-    job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
-    log = run / f"slurm-{job}.log"
-    deadline = time.time() + 240
-    while not (log.exists() and "step 12/" in log.read_text()):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else queue_and_nodes(job, cluster)
-        time.sleep(0.2)
+    job, log = submitted_to_step_12(env, run, tmp_path, cluster)
     with node_lost("disco-n1", how, cluster) as lost_at:
         ended_after = seconds_until_it_leaves_running(job, lost_at, log, cluster)
         text = requeued_to_completion(job, lost_at, log, cluster)  # while disco-n1 is down
