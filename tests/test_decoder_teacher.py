@@ -59,10 +59,12 @@ def test_encoders_with_a_prompt_equal_sentence_transformers(tmp_path, pooling):
 
 def zero3_rank(rank, world_size, folder, dim, config):
     from disco_dist.cluster.distributed import read_env
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
     linear = F.linear
-    teacher = ZeroTeacher(folder, str(REPO / "ds_configs" / config), read_env().device, batch_size=4, dim=dim)
+    teacher = ZeroTeacher(
+        TeacherSettings(folder, str(REPO / "ds_configs" / config), batch_size=4, dim=dim), read_env().device
+    )
     return {
         "fraction": teacher.local_parameter_fraction(),
         "embeddings": teacher.embed(PROBE_SENTENCES),
@@ -114,10 +116,10 @@ def test_a_checkpoint_ranks_cannot_read_by_parts_falls_back_to_transformers_load
 def cache_rank(rank, world_size, folder, source, out):
     from disco_dist.cluster.distributed import read_env
     from disco_dist.data.cache import cache_teacher_embeddings
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
     env = read_env()
-    teacher = ZeroTeacher(folder, DS_CONFIG, env.device, batch_size=4)
+    teacher = ZeroTeacher(TeacherSettings(folder, DS_CONFIG, batch_size=4), env.device)
     cache_teacher_embeddings(teacher, source, out, env, log=lambda *_: None, group_sentences=10)
     return True
 

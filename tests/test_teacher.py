@@ -16,9 +16,9 @@ SENTENCES = ["a man plays the guitar.", "two dogs run in the park", "the first a
 
 def teacher_rank(rank, world_size, model_dir, ds_config, precision=None):
     from disco_dist.cluster.distributed import read_env
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
-    teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=4, precision=precision)
+    teacher = ZeroTeacher(TeacherSettings(model_dir, ds_config, batch_size=4, precision=precision), read_env().device)
     dtypes = {str(p.dtype) for p in teacher.encoder.model.parameters()}
     return {"fraction": teacher.local_parameter_fraction(), "embeddings": teacher.embed(SENTENCES), "dtypes": dtypes}
 
@@ -64,10 +64,10 @@ def cache_rank(
 ):
     from disco_dist.cluster.distributed import read_env
     from disco_dist.data.cache import cache_teacher_embeddings
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
     env = read_env()
-    teacher = ZeroTeacher(model_dir, ds_config, env.device, batch_size=8, replicated=replicated)
+    teacher = ZeroTeacher(TeacherSettings(model_dir, ds_config, batch_size=8, replicated=replicated), env.device)
     cache_teacher_embeddings(
         teacher, source, out, env, log=lambda *_: None, group_sentences=group_sentences, token_budget=token_budget
     )
@@ -77,10 +77,11 @@ def cache_rank(
 def test_token_budget_batches_hold_each_sentence_once_within_the_budget(tmp_path):
     """--teacher-token-budget: longest sentences first, each batch as many as fit the budget in padded tokens (a
     sentence longer than the budget alone); every sentence once; the embeddings those of the fixed batches."""
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3)
-    teacher = ZeroTeacher(model_dir, REPO / "ds_configs" / "teacher_zero3.json", torch.device("cpu"), batch_size=4)
+    settings = TeacherSettings(model_dir, REPO / "ds_configs" / "teacher_zero3.json", batch_size=4)
+    teacher = ZeroTeacher(settings, torch.device("cpu"))
     sentences = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(40)]
     lengths = teacher.encoder.token_counts(sentences)
     batches = teacher.batches(sentences, token_budget=200)
@@ -212,7 +213,7 @@ def test_a_cut_short_cache_from_before_token_budgets_continues_with_the_same_com
     import shutil
 
     from disco_dist.data.cache import CACHE_PLAN, cache_plan
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
     model_dir = build_tiny_model(tmp_path / "teacher", hidden=64, layers=2, seed=3).resolve()
     corpus = tmp_path / "corpus.txt"
@@ -227,7 +228,7 @@ def test_a_cut_short_cache_from_before_token_budgets_continues_with_the_same_com
 
     partial.mkdir()  # what a pass cut short before token budgets leaves: its plan (no budget in it), a finished shard
     shutil.copy(fixed / "shard-000000.tar", partial / "shard-000000.tar")
-    teacher = ZeroTeacher(model_dir, REPO / "ds_configs" / "teacher_zero3.json", torch.device("cpu"))
+    teacher = ZeroTeacher(TeacherSettings(model_dir, REPO / "ds_configs" / "teacher_zero3.json"), torch.device("cpu"))
     plan = cache_plan(teacher, read_index(src))
     del plan["token_budget"]
     (partial / CACHE_PLAN).write_text(json.dumps(plan))
@@ -245,9 +246,9 @@ def plan_only_rank(rank, world_size, model_dir, ds_config, source, out, group_se
     from disco_dist.core.files import write_json_atomic
     from disco_dist.data.cache import CACHE_PLAN, cache_plan
     from disco_dist.data.shards import read_index
-    from disco_dist.models.teacher import ZeroTeacher
+    from disco_dist.models.teacher import TeacherSettings, ZeroTeacher
 
-    teacher = ZeroTeacher(model_dir, ds_config, read_env().device, batch_size=8)
+    teacher = ZeroTeacher(TeacherSettings(model_dir, ds_config, batch_size=8), read_env().device)
     write_json_atomic(Path(out) / CACHE_PLAN, cache_plan(teacher, read_index(source), group_sentences))
     return True
 

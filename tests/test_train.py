@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -255,6 +256,45 @@ def test_frozen_word_embeddings_stay_as_they_were_while_the_rest_trains(setup, t
     assert torch.equal(after[words], before[words])
     moved = [name for name, p in after.items() if p.ndim == 2 and name != words and not torch.equal(p, before[name])]
     assert len(moved) >= 10, moved  # the layers' matrices (and position embeddings) trained
+
+
+def test_profile_writes_each_rank_s_trace_and_top_ops_for_the_steps_asked_and_trains_the_same(setup, tmp_path):
+    """--profile FIRST:LAST (2 ranks): the cache pass and stage 1 each write, per rank, a Chrome trace and a table of
+    the ops that took the most time over the window, and say so in one line; the profiled run's weights equal an
+    unprofiled run's. A window that is not FIRST < LAST is one line naming the flag."""
+    import gzip
+
+    root, student, teacher = setup
+    cached = tmp_path / "cached"
+    cache = ["--shards", root / "shards", "--teacher", teacher, "--out", cached, "--profile", "0:1"]
+    result = launch("cache_teacher.py", cache)
+    assert result.returncode == 0 and "profiled sentence groups 1-1 on rank 0 (cpu)" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
+    assert "aten::" in (cached / "profile" / "rank-1.top.txt").read_text()
+    runs, said = {}, {}
+    for name, extra in (("profiled", ["--profile", "2:4"]), ("plain", [])):
+        runs[name] = tmp_path / name
+        args = ["--shards", cached, "--student", student, "--run-dir", runs[name], "--batch-size", 16]
+        args += ["--max-steps", 6, "--checkpoint-every", 0, "--head-init", "random", "--lr", 1e-3, *extra]
+        result = launch("distill.py", args)
+        assert result.returncode == 0 and "finished: 6 steps" in result.stdout, result.stderr[-3000:]
+        said[name] = result.stdout.count("profiled steps 3-4 on rank 0 (cpu): ")
+    assert said == {"profiled": 1, "plain": 0}  # one line, from rank 0
+    profile = runs["profiled"] / "profile"
+    for rank in (0, 1):
+        top = (profile / f"rank-{rank}.top.txt").read_text()
+        assert top.startswith(f"steps 3-4 on rank {rank} (cpu): ") and "aten::mm" in top, top[:2000]
+        events = json.loads(gzip.decompress((profile / f"rank-{rank}.trace.json.gz").read_bytes()))["traceEvents"]
+        assert any(event.get("name") == "aten::mm" for event in events)
+    assert not (runs["plain"] / "profile").exists()
+    final = {name: dict(Encoder.from_pretrained(run / "final").model.named_parameters()) for name, run in runs.items()}
+    assert_same_weights(final["profiled"], final["plain"])
+
+    bad = subprocess.run(
+        [sys.executable, REPO / "launchers" / "distill.py", "--profile", "4:2"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--profile: '4:2': give FIRST:LAST, 0 <= FIRST < LAST" in bad.stderr, bad.stderr
 
 
 def finetune_args(student, run_dir, *extra):

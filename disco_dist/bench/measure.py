@@ -129,7 +129,7 @@ def worker_teacher_ranks(spec: dict) -> dict:
     from ..cluster import distributed
     from ..data.shards import iter_shard_samples, read_index
     from ..models.encoder import Encoder
-    from ..models.teacher import ZeroTeacher, default_teacher_batch_size
+    from ..models.teacher import TeacherSettings, ZeroTeacher, default_teacher_batch_size
 
     env = distributed.init_distributed(spec.get("local_rank", -1))
     # both sides at the ZeRO-3 teacher's default for this device and world size
@@ -137,14 +137,14 @@ def worker_teacher_ranks(spec: dict) -> dict:
     texts = [t for t, _ in iter_shard_samples(read_index(spec["shards"]))]
     mine = texts[env.rank :: env.world_size]
     if spec["mode"] == "zero3":
-        teacher = ZeroTeacher(
+        settings = TeacherSettings(
             spec["teacher"],
             spec["ds_config"],
-            env.device,
             batch_size=batch_size,
             max_length=spec["max_length"],
             precision=spec["precision"],
         )
+        teacher = ZeroTeacher(settings, env.device)
         model, embed = teacher.encoder.model, teacher.embed
     else:
         dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32

@@ -152,7 +152,7 @@ def worker(
     """One rank: the peaks of each phase, and the share of the teacher's parameters it holds."""
     from ..cluster import distributed
     from ..models.partitioned import held_and_total
-    from ..models.teacher import ZeroTeacher
+    from ..models.teacher import TeacherSettings, ZeroTeacher
 
     env = distributed.init_distributed()
     texts = [" ".join(["the old man said that the new film was good"] * (1 + i % 4)) for i in range(sentences)]
@@ -160,7 +160,7 @@ def worker(
     phases = {"base": smaps_rollup()}
     with PeakSampler() as load:
         precision = worker_precision(precision, env.device)
-        model = ZeroTeacher(teacher, ds_config, env.device, batch_size=batch_size, precision=precision)
+        model = ZeroTeacher(TeacherSettings(teacher, ds_config, batch_size=batch_size, precision=precision), env.device)
         distributed.barrier()
     phases["load"] = load.peak
     phases["after_load"] = smaps_rollup()

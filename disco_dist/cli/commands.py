@@ -69,7 +69,7 @@ def cache_teacher(args) -> Path:
 
     with lost_peer_as_one_line(hint):
         watch = PeerWatch(env, hint)  # a silent peer ends the pass within DISCO_PEER_TIMEOUT, not the 600 s time-out
-        teacher = ZeroTeacher.from_settings(teacher_settings(args), env.device)
+        teacher = ZeroTeacher(teacher_settings(args), env.device)
         budget = resolve_token_budget(
             args.teacher_token_budget, args.teacher_batch_size is not None, teacher, args.out, args.overwrite
         )
@@ -81,6 +81,7 @@ def cache_teacher(args) -> Path:
             overwrite=args.overwrite,
             group_sentences=args.sort_group,
             token_budget=budget,
+            profile=args.profile,
         )
         distributed.shutdown(watch.close)  # watched through the last barrier (rank 0 writes the index first)
     return args.out

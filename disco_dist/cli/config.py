@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.files import DS_CONFIGS
+from ..core.profiling import profile_window
 from ..data import stream
 from ..models import precision
 from ..train.widths import matryoshka_weights
@@ -118,6 +119,7 @@ def _common(parser: Parser, stage: str) -> None:
         action="store_true",
         help="log the keys of every consumed batch per rank under <run-dir>/samples/ (an audit of the data order)",
     )
+    add_profile_flag(g, "step", "<run-dir>")
 
 
 def distill_parser() -> Parser:
@@ -250,6 +252,16 @@ def make_shards_parser() -> Parser:
 DEFAULT_CORPUS = "wiki/wiki_en_sentences_1m.txt.gz"
 
 
+def add_profile_flag(parser, unit: str, folder: str) -> None:
+    parser.add_argument(
+        "--profile",
+        type=profile_window,
+        metavar="FIRST:LAST",
+        help=f"torch.profiler over {unit}s FIRST+1 to LAST (e.g. 20:25): a Chrome trace and a table of the ops that "
+        f"took the most time, per rank, in {folder}/profile/",
+    )
+
+
 def cache_teacher_parser() -> Parser:
     parser = Parser(
         prog="cache_teacher.py",
@@ -269,6 +281,7 @@ def cache_teacher_parser() -> Parser:
     add_precision_flag(parser, "the teacher holds bf16 weights; embeddings are stored as fp16 either way")
     config_teacher.add_cache_batching_flags(parser)
     parser.add_argument("--overwrite", action="store_true")
+    add_profile_flag(parser, "sentence group", "<out>")
     add_local_rank(parser)
     return parser
 

@@ -15,6 +15,7 @@ from ..cluster import distributed
 from ..cluster.resilience import InjectedFaults
 from ..core.errors import UserError
 from ..core.files import write_json_atomic
+from ..core.profiling import WindowProfiler
 from ..core.progress import Progress
 from ..models.flops import mfu
 from ..models.teacher import ZeroTeacher, default_token_budget
@@ -56,6 +57,7 @@ def cache_teacher_embeddings(
     log=print,
     group_sentences: int | None = None,
     token_budget: int | None = None,
+    profile: tuple | None = None,
 ):
     """Write new shards holding each sentence with its fp16 teacher embedding; the same names and counts as
     the source. Rank r writes the shards of groups r, r+W, ...; rank 0 writes the index once every rank is done.
@@ -96,7 +98,9 @@ def cache_teacher_embeddings(
     mine = sum(source.counts[i] for group in groups[env.rank] for i in group)
     progress = Progress("cache pass (rank 0)", "sentences", total=mine, log=log, enabled=env.is_main)
     pause = InjectedFaults().cache_pause
-    for group in groups[env.rank]:
+    profiler = WindowProfiler(profile, out_folder / "profile", env.rank, teacher.device, unit="sentence group")
+    for number, group in enumerate(groups[env.rank], start=1):
+        profiler.begin(number)
         # sentences of several shards are length-sorted together: less padding than shard by shard
         samples, texts = read(group)
         embeddings = teacher.embed(texts, progress, token_budget)
@@ -110,6 +114,7 @@ def cache_teacher_embeddings(
                     shard.write(key, text, embedding, ids)
                 shard.close()
             first += len(shard_samples)
+        profiler.end(number, log)
         time.sleep(pause)
     progress.close()
     for _ in range(busiest - (teacher.forwards - forwards_before)):  # keep step with the others' gathers

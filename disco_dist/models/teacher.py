@@ -60,37 +60,23 @@ class ZeroTeacher:
     there is nothing to partition: the teacher is then a plain module (ZeRO-3's hooks cost ~15% there), as it
     is on every rank with `replicated` (no gathers; each rank holds it all)."""
 
-    def __init__(
-        self,
-        name_or_path,
-        ds_config_path,
-        device: torch.device,
-        batch_size: int | None = None,
-        max_length: int | None = None,
-        precision: str | None = None,  # None: --precision's default ($DISCO_PRECISION, else auto)
-        prompt: str | None = None,
-        dim: int | None = None,
-        replicated: bool = False,
-    ):
+    def __init__(self, settings: TeacherSettings, device: torch.device):
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.precision = resolve_precision(precision or default_precision(), device)
+        self.precision = resolve_precision(settings.precision or default_precision(), device)
         self.bf16 = self.precision.bf16
-        config = load_ds_config(ds_config_path, bf16=self.bf16)
+        config = load_ds_config(settings.ds_config, bf16=self.bf16)
         if config.get("zero_optimization", {}).get("stage") != 3:
-            raise UserError(f"{ds_config_path}: the teacher config must use zero_optimization.stage 3")
-        self.partitioned = distributed.world_size() > 1 and not replicated
+            raise UserError(f"{settings.ds_config}: the teacher config must use zero_optimization.stage 3")
+        self.partitioned = distributed.world_size() > 1 and not settings.replicated
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        how = dict(max_length=settings.max_length, prompt=settings.prompt, truncate_dim=settings.dim)
         if self.partitioned:
             hf_zero3 = HfDeepSpeedConfig(config)  # while alive, models are built straight into partitions
             try:
                 with heap_given_back():
-                    self.encoder = Encoder.from_pretrained(
-                        name_or_path,
-                        max_length=max_length,
-                        model_loader=partial(load_partitioned, dtype=torch.bfloat16 if self.bf16 else torch.float32),
-                        prompt=prompt,
-                        truncate_dim=dim,
-                    )
+                    loader = partial(load_partitioned, dtype=dtype)
+                    self.encoder = Encoder.from_pretrained(settings.model, model_loader=loader, **how)
                     partition_token_embedding(self.encoder.model)
             finally:
                 del hf_zero3  # anything built after this is an ordinary, unpartitioned model
@@ -102,32 +88,18 @@ class ZeroTeacher:
                 except UserError:  # layers it cannot find (T5's blocks, GPT-2's h): trimmed after each forward
                     give_back_after_each([self.encoder.model])
         else:
-            self.encoder = Encoder.from_pretrained(name_or_path, max_length=max_length, prompt=prompt, truncate_dim=dim)
-            self.encoder.to(device, torch.bfloat16 if self.bf16 else torch.float32)
+            self.encoder = Encoder.from_pretrained(settings.model, **how)
+            self.encoder.to(device, dtype)
         if self.encoder.dense is not None:  # a teacher's own Dense head: small, held whole by every rank
-            self.encoder.dense.to(device, torch.bfloat16 if self.bf16 else torch.float32).requires_grad_(False)
+            self.encoder.dense.to(device, dtype).requires_grad_(False)
         self.encoder.model.eval()
         self.encoder.model.requires_grad_(False)
-        self.device, self.batch_size = device, batch_size or default_teacher_batch_size(device, self.partitioned)
+        self.device = device
+        self.batch_size = settings.batch_size or default_teacher_batch_size(device, self.partitioned)
         self.seconds = 0.0  # time spent in teacher forwards, for the step-time breakdown
         self.forwards = 0
         self.tokens, self.flops = 0, 0.0  # real tokens embedded, and their forward FLOPs (flops.py)
         self._flops = ForwardFlops(self.encoder.model)
-
-    @classmethod
-    def from_settings(cls, settings: "TeacherSettings", device: torch.device) -> "ZeroTeacher":
-        """The teacher `settings` describe (distill online, the cache pass)."""
-        return cls(
-            settings.model,
-            settings.ds_config,
-            device,
-            batch_size=settings.batch_size,
-            max_length=settings.max_length,
-            precision=settings.precision,
-            prompt=settings.prompt,
-            dim=settings.dim,
-            replicated=settings.replicated,
-        )
 
     @property
     def dim(self) -> int:

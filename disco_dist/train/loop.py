@@ -31,6 +31,7 @@ from ..cluster.resilience import (
 )
 from ..core.errors import UserError
 from ..core.files import write_json_atomic
+from ..core.profiling import WindowProfiler
 from ..evaluation.evaluate import stsb_dev_spearman
 from ..models.precision import Precision, resolve_precision
 from ..report.model_card import write_model_card
@@ -130,6 +131,7 @@ def train(settings: TrainSettings, stage_class) -> Path:
         SampleLog(run_dir / "samples" / f"rank-{env.rank}.tsv", state.epoch, state.batch) if run.sample_log else None
     )
     faults = InjectedFaults()
+    profiler = WindowProfiler(run.profile, run_dir / "profile", env.rank, env.device)
     preemption = PreemptionSignal()
     seconds_before = state.seconds
 
@@ -181,8 +183,10 @@ def train(settings: TrainSettings, stage_class) -> Path:
         if state.batch >= stage.loader.batches_per_epoch(state.epoch):
             state.epoch, state.batch = state.epoch + 1, 0
         for number, batch in enumerate(stage.batches(state.epoch, state.batch), start=state.batch):
+            launching = state.step + 1 + (launched is not None)  # this step's number once it is taken
+            profiler.begin(launching)
             loss, terms = stage.loss(engine, batch, stopwatch)
-            faults.mid_step(env.rank, state.step + 1 + (launched is not None), run_dir)
+            faults.mid_step(env.rank, launching, run_dir)
             if faults.nan_at(number):
                 loss = loss * float("nan")
             skipped = nonfinite_anywhere(loss)
@@ -203,6 +207,7 @@ def train(settings: TrainSettings, stage_class) -> Path:
                 "keys": batch.get("keys"),
             }
             state.batch = number + 1
+            profiler.end(launching)
 
             stop = preemption.agreed()
             if not (stop or at_boundary(state.step + 1)):

@@ -29,6 +29,7 @@ class RunSettings:
     max_bad_steps: int = 10
     progress: str = "auto"
     sample_log: bool = False
+    profile: tuple | None = None  # (FIRST, LAST): torch.profiler over steps FIRST+1 .. LAST
     data_root: str | None = None  # where STS-B dev (and NLI) are read from
     local_rank: int = -1
 

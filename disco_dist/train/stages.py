@@ -97,7 +97,7 @@ class Distill(Stage):
         # the student exists before the teacher's ZeRO-3 loading context opens (it is process-global)
         self.teacher = None
         if mode == "online":
-            self.teacher = ZeroTeacher.from_settings(settings.teacher, env.device)
+            self.teacher = ZeroTeacher(settings.teacher, env.device)
             teacher_dim = self.teacher.dim
         else:
             teacher_dim = index.teacher["dim"]
