@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from disco_dist.report.recipes import flags  # noqa: E402  (the project beside this script)
+
 SHARED_GPU = REPO.parent / "shared" / "gpu"
 REAL = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2-rand", "all-mpnet-base-v2": "all-mpnet-base-v2-rand"}
 WEIGHTS = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx", "openvino", "desktop.ini")
@@ -34,7 +37,6 @@ WEIGHTS = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "*.msgpack", "*.ot", "onn
 
 def prepare(kit: Path) -> None:
     """Everything the run needs that the GPU machine lacks, in one folder to carry."""
-    sys.path.insert(0, str(REPO))
     from disco_dist.models.fetch import fetch_model
 
     kit.mkdir(parents=True, exist_ok=True)
@@ -138,173 +140,49 @@ def run(kit: Path, out: Path, smoke: bool, minutes: float) -> None:
     )
     if smoke:
         size = dict(sentences=2_000, shard=250, queue=256, batches=(4, 16), steps=(8, 6), windows=("4:6", "3:5"))
-        size.update(
-            decoder=200,
-            bench=["--steps", "4", "--warmup-steps", "2", "--teacher-sentences", "256", "--batch-size", "8"],
-        )
+        size.update(decoder=200, bench=dict(steps=4, warmup_steps=2, teacher_sentences=256, batch_size=8))
     else:
         size = dict(sentences=40_000, shard=5_000, queue=65_536, batches=(256, 1024), steps=(80, 40))
-        size.update(windows=("60:65", "30:33"), decoder=2_000, bench=["--gpu"])
+        size.update(windows=("60:65", "30:33"), decoder=2_000, bench=dict(gpu=True))
     steps = Steps(out, env, deadline)
     corpus = kit / "sentences.txt.gz"
     shards, ids, cached, few, big = (work / n for n in ("shards", "ids", "teacher", "few", "teacher-4b"))
 
-    def command(script: str, *args, ranks: bool = False) -> list:
+    def command(script: str, ranks: bool = False, **options) -> list:
         on_ranks = [str(launcher), "--num_gpus", "1"] if ranks else [sys.executable]
-        return on_ranks + [str(REPO / "launchers" / script), *map(str, args)]
+        return on_ranks + [str(REPO / "launchers" / script), *map(str, flags(options))]
 
     def keep_profile(folder: Path, name: str) -> None:
         if (folder / "profile").exists():
             shutil.copytree(folder / "profile", out / "profiles" / name, dirs_exist_ok=True)
 
-    limit, shard = size["sentences"], size["shard"]
-    steps.run(
-        "shards",
-        command(
-            "make_shards.py",
-            "--corpus",
-            corpus,
-            "--out",
-            shards,
-            "--limit",
-            limit,
-            "--shard-size",
-            shard,
-            "--overwrite",
-        ),
-        120,
-    )
+    def make_shards(folder: Path, limit: int, shard_size: int) -> list:
+        return command("make_shards.py", corpus=corpus, out=folder, limit=limit, shard_size=shard_size, overwrite=True)
+
+    steps.run("shards", make_shards(shards, size["sentences"], size["shard"]), 120)
+    workers = os.cpu_count() or 1
     steps.run(
         "token_ids",
-        command(
-            "tokenize_shards.py",
-            "--shards",
-            shards,
-            "--student",
-            student,
-            "--out",
-            ids,
-            "--workers",
-            os.cpu_count() or 1,
-            "--overwrite",
-        ),
+        command("tokenize_shards.py", shards=shards, student=student, out=ids, workers=workers, overwrite=True),
         120,
     )
-    steps.run(
-        "cache_mpnet",
-        command(
-            "cache_teacher.py",
-            "--shards",
-            ids,
-            "--teacher",
-            teacher,
-            "--out",
-            cached,
-            "--overwrite",
-            "--profile",
-            "1:3",
-            ranks=True,
-        ),
-        180,
-        cache_line,
-    )
+    cache = dict(teacher=teacher, out=cached, overwrite=True, profile="1:3")
+    steps.run("cache_mpnet", command("cache_teacher.py", True, shards=ids, **cache), 180, cache_line)
     keep_profile(cached, "cache_mpnet")
     for batch, max_steps, window in zip(size["batches"], size["steps"], size["windows"]):
         run_dir = work / f"s2_b{batch}"
-        steps.run(
-            run_dir.name,
-            command(
-                "distill.py",
-                "--shards",
-                cached,
-                "--student",
-                student,
-                "--keep-layers",
-                0,
-                2,
-                5,
-                "--run-dir",
-                run_dir,
-                "--batch-size",
-                batch,
-                "--queue-size",
-                size["queue"],
-                "--max-steps",
-                max_steps,
-                "--epochs",
-                50,
-                "--log-every",
-                5,
-                "--checkpoint-every",
-                0,
-                "--head-init",
-                "random",
-                "--profile",
-                window,
-                ranks=True,
-            ),
-            150,
-            step_lines,
-        )
+        s2 = dict(shards=cached, student=student, keep_layers=[0, 2, 5], run_dir=run_dir, head_init="random")
+        loop = dict(batch_size=batch, queue_size=size["queue"], max_steps=max_steps, epochs=50, log_every=5)
+        distill = command("distill.py", True, **s2, **loop, checkpoint_every=0, profile=window)
+        steps.run(run_dir.name, distill, 150, step_lines)
         keep_profile(run_dir, run_dir.name)
-    steps.run(
-        "shards_4b",
-        command(
-            "make_shards.py",
-            "--corpus",
-            corpus,
-            "--out",
-            few,
-            "--limit",
-            size["decoder"],
-            "--shard-size",
-            size["decoder"] // 4,
-            "--overwrite",
-        ),
-        60,
-    )
-    steps.run(
-        "cache_4b",
-        command(
-            "cache_teacher.py",
-            "--shards",
-            few,
-            "--teacher",
-            decoder,
-            "--out",
-            big,
-            "--overwrite",
-            "--profile",
-            "1:2",
-            ranks=True,
-        ),
-        180,
-        cache_line,
-    )
+    steps.run("shards_4b", make_shards(few, size["decoder"], size["decoder"] // 4), 60)
+    cache_4b = dict(shards=few, teacher=decoder, out=big, overwrite=True, profile="1:2")
+    steps.run("cache_4b", command("cache_teacher.py", True, **cache_4b), 180, cache_line)
     keep_profile(big, "cache_4b")
-    steps.run(
-        "benchmark",
-        command(
-            "benchmark.py",
-            "--parts",
-            "st_training",
-            "teacher_encode",
-            "--repeats",
-            1,
-            "--student",
-            student,
-            "--teacher",
-            teacher,
-            "--corpus",
-            corpus,
-            "--out",
-            out / "benchmarks.json",
-            "--work-dir",
-            work / "bench",
-            *size["bench"],
-        ),
-        300,
-    )
+    models = dict(student=student, teacher=teacher, corpus=corpus, out=out / "benchmarks.json", work_dir=work / "bench")
+    bench = command("benchmark.py", parts=["st_training", "teacher_encode"], repeats=1, **models, **size["bench"])
+    steps.run("benchmark", bench, 300)
     print(steps.table())
     (out / "gpu_check.md").write_text(steps.table() + "\n")
 

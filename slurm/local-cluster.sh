@@ -190,7 +190,11 @@ start_slurm() {
       "mount --bind '$ETC/hosts' /etc/hosts && hostname $name && exec slurmd -N $name"
   done
   local want=$((NODES + 1))
-  wait_for 90 "the nodes" sh -c "[ \$(sinfo -h -N -o %T | grep -cE '^(idle|mixed|allocated)') -ge $want ]"
+  # A namespace node back from a loss can be DOWN (not responding) or DRAINED with "Kill task failed": SLURM could not
+  # end the lost run's step there within UnkillableStepTimeout, its slurmstepd still retrying the step's completion
+  # message (seen after a node's link came back up). Its slurmd is up again: resume it, as an administrator would.
+  local resume="sinfo -h -N -p multi -t down,drain -o %N | sort -u | xargs -r -I{} scontrol update nodename={} state=resume"
+  wait_for 90 "the nodes" sh -c "$resume; [ \$(sinfo -h -N -o %T | grep -cE '^(idle|mixed|allocated)$') -ge $want ]"
 }
 
 start_network() {  # the bridge, one namespace and veth pair per node, and the hosts file every node sees

@@ -212,7 +212,9 @@ def lost_in_one_line(text: str, rank: int, lost: str, then: str) -> str:
 
 def submitted_to_step_12(env: dict, run: Path, tmp_path: Path, cluster: dict) -> tuple:
     """The CKD job of LOSS_ARGS on two nodes, once it is at step 12 of 50 (its last checkpoint: step 12); (its id,
-    its log)."""
+    its log). First every node is put back in service: one back from an earlier test's loss can be drained since
+    (slurm/local-cluster.sh, "Kill task failed"), and the job must start on disco-n1 and disco-n2."""
+    start_cluster()
     job = submit("ckd.sbatch", env, tmp_path / "job.log", *LOSS_ARGS)
     log = run / f"slurm-{job}.log"
     deadline = time.time() + 240
