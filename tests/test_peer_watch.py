@@ -87,3 +87,29 @@ def test_a_rank_that_loses_rank_0_s_store_says_so_in_one_line_kept_in_the_error_
     kept = errors.read_text().splitlines()
     assert len(kept) == 1 and kept[0].split(" ", 4)[4] == run.stderr.strip() and " exit 75: " in kept[0], kept
     assert kept[0].split()[1] == os.uname().nodename
+
+
+def test_a_rank_whose_stderr_is_gone_still_keeps_its_line_in_the_error_log(tmp_path):
+    """When the job's first node is lost, the other ranks' stderr went through the srun that ran there: nobody may read
+    it any more. The line is kept in DISCO_ERROR_LOG first, and a broken pipe on stderr costs only the printed copy:
+    the rank still exits with its code (75: nothing to fix)."""
+    import os
+    import subprocess
+    import sys
+
+    errors = tmp_path / "slurm-7.errors"
+    reader, writer = os.pipe()
+    os.close(reader)  # a stderr nobody reads: writing to it fails with a broken pipe
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", WATCHED_RANK_1],
+            stdout=subprocess.DEVNULL,
+            stderr=writer,
+            env={**os.environ, "DISCO_ERROR_LOG": str(errors)},
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert run.returncode == 75
+    kept = errors.read_text().splitlines()
+    assert len(kept) == 1 and " exit 75: error: rank 1: lost rank 0 on node-a: the rendezvous store" in kept[0], kept

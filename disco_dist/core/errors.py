@@ -72,9 +72,14 @@ def exit_on_user_error(main):
 
 
 def say_error(line: str, code: int = 2) -> None:
-    """Print `line` to stderr, and keep it in `DISCO_ERROR_LOG` (`record_stop`) with the exit code that follows."""
-    print(line, file=sys.stderr, flush=True)
+    """Keep `line` in `DISCO_ERROR_LOG` (`record_stop`) with the exit code that follows, then print it to stderr. The
+    file first: a rank whose printed output went through an `srun` on a lost node may find nobody reading its stderr
+    (a broken pipe), and the kept line must not depend on it."""
     record_stop(line, code)
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # BrokenPipeError: the reader is gone; the line is kept in the file where one is set
+        pass
 
 
 def record_stop(line: str, code: int) -> None:
