@@ -35,6 +35,14 @@ REAL = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2-rand", "all-mpnet-base-v2": "all-m
 WEIGHTS = ("*.safetensors", "*.bin", "*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx", "openvino", "desktop.ini")
 
 
+def write_sentences(path: Path, count: int) -> None:
+    """The first `count` sentences of the shared Wikipedia corpus (any prefix is a uniform sample)."""
+    corpus = REPO.parent / "shared" / "data" / "wiki" / "wiki_en_sentences_1m.txt.gz"
+    with gzip.open(corpus, "rt") as lines, gzip.open(path, "wt") as out:
+        for _, line in zip(range(count), lines):
+            out.write(line)
+
+
 def prepare(kit: Path) -> None:
     """Everything the run needs that the GPU machine lacks, in one folder to carry."""
     from disco_dist.models.fetch import fetch_model
@@ -47,10 +55,7 @@ def prepare(kit: Path) -> None:
         shutil.copytree(
             fetch_model(real), kit / "models" / rand, ignore=shutil.ignore_patterns(*WEIGHTS), dirs_exist_ok=True
         )
-    corpus = REPO.parent / "shared" / "data" / "wiki" / "wiki_en_sentences_1m.txt.gz"
-    with gzip.open(corpus, "rt") as lines, gzip.open(kit / "sentences.txt.gz", "wt") as out:
-        for _, line in zip(range(40_000), lines):
-            out.write(line)
+    write_sentences(kit / "sentences.txt.gz", 40_000)
     print(f"{kit}: {sum(f.stat().st_size for f in kit.rglob('*') if f.is_file()) / 2**20:.1f} MiB to carry")
 
 
@@ -62,10 +67,7 @@ def smoke_kit(kit: Path) -> None:
     build_tiny_model(kit / "models" / "all-MiniLM-L6-v2-rand", layers=6, max_length=128)
     build_tiny_model(kit / "models" / "all-mpnet-base-v2-rand", hidden=64, layers=2, seed=1, max_length=128)
     build_tiny_decoder(kit / "models" / "qwen3-4b-rand")
-    corpus = REPO.parent / "shared" / "data" / "wiki" / "wiki_en_sentences_1m.txt.gz"
-    with gzip.open(corpus, "rt") as lines, gzip.open(kit / "sentences.txt.gz", "wt") as out:
-        for _, line in zip(range(3_000), lines):
-            out.write(line)
+    write_sentences(kit / "sentences.txt.gz", 3_000)
 
 
 class Steps:

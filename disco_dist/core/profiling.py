@@ -45,7 +45,7 @@ class WindowProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self._synchronize()
         self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
-        self.profiler.__enter__()
+        self.profiler.start()
         self.started = time.perf_counter()
 
     def end(self, number: int, log=print) -> None:
@@ -54,7 +54,7 @@ class WindowProfiler:
         self._synchronize()
         seconds = time.perf_counter() - self.started
         profiler, self.profiler = self.profiler, None
-        profiler.__exit__(None, None, None)
+        profiler.stop()
         first, last = self.window[0] + 1, self.window[1]
         self.folder.mkdir(parents=True, exist_ok=True)
         trace, top = self.folder / f"rank-{self.rank}.trace.json.gz", self.folder / f"rank-{self.rank}.top.txt"
